@@ -1,0 +1,3 @@
+from sendkit.cli import main
+
+main()

@@ -1,0 +1,303 @@
+"""Engines for SQLite and PostgreSQL, the transaction helper, and the table definitions.
+
+Times are integer milliseconds since the epoch (UTC) on both databases: they compare,
+index and serialise the same way everywhere, and the API's `ts` is milliseconds too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from sendkit.errors import ServiceUnavailable
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _id() -> sa.Column[str]:
+    return sa.Column("id", sa.String(32), primary_key=True)
+
+
+def _created() -> sa.Column[int]:
+    return sa.Column("created_at", sa.BigInteger, nullable=False)
+
+
+def _account_fk() -> sa.Column[str]:
+    return sa.Column(
+        "account_id",
+        sa.String(32),
+        sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    )
+
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    _id(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False, default=False),
+    sa.Column("is_demo", sa.Boolean, nullable=False, default=False),
+    sa.Column("rate_per_second", sa.Integer, nullable=False, default=5),
+    sa.Column("daily_limit", sa.Integer, nullable=False, default=10_000),
+    sa.Column("max_message_size", sa.Integer, nullable=False, default=10 * 1024 * 1024),
+    # ISO date, inclusive last day of the subscription; NULL means it never expires.
+    sa.Column("expires_on", sa.String(10), nullable=True),
+    _created(),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False, default="owner"),
+    sa.Column("is_operator", sa.Boolean, nullable=False, default=False),
+    _created(),
+)
+
+apps = sa.Table(
+    "apps",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column("app_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    _created(),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("prefix", sa.String(32), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    # Encrypted with the server's secret key: HMAC verification needs the secret itself.
+    sa.Column("signing_secret", sa.Text, nullable=True),
+    sa.Column("require_signature", sa.Boolean, nullable=False, default=False),
+    sa.Column("last_used_at", sa.BigInteger, nullable=True),
+    sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    _created(),
+)
+
+domains = sa.Table(
+    "domains",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column("name", sa.String(253), nullable=False),
+    sa.Column("verified", sa.Boolean, nullable=False, default=False),
+    sa.Column("dkim_selector", sa.String(63), nullable=True),
+    # Encrypted PEM; never leaves the server except inside a signature.
+    sa.Column("dkim_private_key", sa.Text, nullable=True),
+    _created(),
+    sa.UniqueConstraint("account_id", "name", name="uq_domains_account_name"),
+)
+
+senders = sa.Table(
+    "senders",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column(
+        "domain_id", sa.String(32), sa.ForeignKey("domains.id", ondelete="CASCADE"), nullable=False
+    ),
+    # Lower-cased full address, or "*" for any address of the domain.
+    sa.Column("address", sa.String(320), nullable=False),
+    _created(),
+    sa.UniqueConstraint("domain_id", "address", name="uq_senders_domain_address"),
+)
+
+contacts = sa.Table(
+    "contacts",
+    metadata,
+    # An integer key gives the stable creation order that pagination needs.
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column(
+        "app_pk", sa.String(32), sa.ForeignKey("apps.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("email_lower", sa.String(320), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("language", sa.String(35), nullable=False, default=""),
+    sa.Column("first_name", sa.String(200), nullable=False, default=""),
+    sa.Column("last_name", sa.String(200), nullable=False, default=""),
+    sa.Column("phone_number", sa.String(50), nullable=False, default=""),
+    sa.Column("birthday", sa.String(10), nullable=False, default=""),
+    sa.Column("company", sa.String(200), nullable=False, default=""),
+    sa.Column("vip_level", sa.Integer, nullable=False, default=0),
+    sa.Column("amount", sa.String(40), nullable=False, default=""),
+    _created(),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("app_pk", "email_lower", name="uq_contacts_app_email"),
+    sa.Index("ix_contacts_app_order", "app_pk", "id"),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    _id(),
+    sa.Column("request_id", sa.String(36), nullable=False, index=True),
+    _account_fk(),
+    sa.Column("app_pk", sa.String(32), nullable=True),
+    sa.Column("from_header", sa.String(400), nullable=False),
+    sa.Column("from_addr", sa.String(320), nullable=False),
+    sa.Column("to_header", sa.String(400), nullable=False),
+    sa.Column("to_addr", sa.String(320), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    # queued | sending | delivered | deferred | bounced | failed | suppressed
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.BigInteger, nullable=True),
+    sa.Column("lease_token", sa.String(32), nullable=True),
+    sa.Column("lease_expires_at", sa.BigInteger, nullable=True),
+    sa.Column("last_code", sa.Integer, nullable=True),
+    sa.Column("last_text", sa.Text, nullable=True),
+    _created(),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_messages_due", "status", "next_attempt_at"),
+    sa.Index("ix_messages_account_created", "account_id", "created_at"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column(
+        "message_id",
+        sa.String(32),
+        sa.ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("started_at", sa.BigInteger, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("host", sa.String(300), nullable=True),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("code", sa.Integer, nullable=True),
+    sa.Column("text", sa.Text, nullable=False, default=""),
+)
+
+daily_usage = sa.Table(
+    "daily_usage",
+    metadata,
+    sa.Column(
+        "account_id",
+        sa.String(32),
+        sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("sent", sa.Integer, nullable=False, default=0),
+)
+
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    _account_fk(),
+    sa.Column("email_lower", sa.String(320), nullable=False),
+    sa.Column("reason", sa.String(40), nullable=False),
+    _created(),
+    sa.PrimaryKeyConstraint("account_id", "email_lower", name="pk_suppressions"),
+)
+
+inbox = sa.Table(
+    "inbox",
+    metadata,
+    sa.Column(
+        "message_id",
+        sa.String(32),
+        sa.ForeignKey("messages.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    _account_fk(),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+)
+
+
+class Database:
+    """One engine per process; `begin()` is the only way to write."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine: AsyncEngine = _create_engine(url, echo=echo)
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that commits on success; a locked or full database answers 503."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            if _is_unavailable(exc):
+                raise ServiceUnavailable() from exc
+            raise
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only snapshot; on SQLite it does not take the write lock."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(sendkit_readonly=True)
+            yield conn
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _is_unavailable(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return any(s in text for s in ("locked", "disk", "full", "busy", "i/o", "readonly"))
+
+
+def _create_engine(url: str, *, echo: bool) -> AsyncEngine:
+    if not url.startswith("sqlite"):
+        return create_async_engine(url, echo=echo, pool_size=10, max_overflow=20)
+    engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+    event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Take transaction control from the driver so BEGIN IMMEDIATE can be issued: a write
+    # transaction that starts deferred can deadlock when it later upgrades its lock.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before we answer; acknowledged mail must survive a crash.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_on_begin(conn: Any) -> None:
+    readonly = conn.get_execution_options().get("sendkit_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")

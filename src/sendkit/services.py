@@ -1,0 +1,46 @@
+"""The long-lived objects one process shares: built once from Settings, closed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sendkit.config import Settings
+from sendkit.crypto import SecretBox
+from sendkit.db import Database
+from sendkit.keys import MemoryReplayGuard, RedisReplayGuard, ReplayGuard
+from sendkit.ratelimit import RateLimiter
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    box: SecretBox
+    limiter: RateLimiter
+    replay_guard: ReplayGuard
+    redis: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        await self.db.dispose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def build(settings: Settings) -> Services:
+    redis_client: Any = None
+    guard: ReplayGuard = MemoryReplayGuard()
+    if settings.redis_url:
+        import redis.asyncio as aioredis
+
+        redis_client = aioredis.from_url(settings.redis_url)
+        guard = RedisReplayGuard(redis_client)
+    return Services(
+        settings=settings,
+        db=Database(settings.db_url),
+        box=SecretBox(settings.resolved_secret_key()),
+        limiter=RateLimiter(settings.redis_url),
+        replay_guard=guard,
+        redis=redis_client,
+    )

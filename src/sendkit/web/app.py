@@ -1,0 +1,79 @@
+"""create_app(settings): routers, the one error handler, and the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from sendkit import __version__, logs
+from sendkit import services as services_mod
+from sendkit.config import Settings
+from sendkit.errors import BadRequest, MethodNotAllowed, RouteNotFound, SendKitError
+from sendkit.services import Services
+from sendkit.web import api, envelope
+from sendkit.web.middleware import RequestContext
+
+log = logs.get("sendkit.web")
+
+
+def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
+    """With `services`, the caller owns them (tests); without, the lifespan builds them."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = services is None
+        app.state.services = services_mod.build(settings) if own else services
+        try:
+            yield
+        finally:
+            if own:
+                await app.state.services.close()
+
+    app = FastAPI(
+        title="SendKit",
+        version=__version__,
+        lifespan=lifespan,
+        default_response_class=envelope.JSONResponse,
+    )
+    if services is not None:
+        app.state.services = services
+    app.include_router(api.router)
+    app.add_exception_handler(SendKitError, _sendkit_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_middleware(RequestContext)
+    return app
+
+
+def _request_id(request: Request) -> str:
+    return str(request.state.request_id)
+
+
+async def _sendkit_error(request: Request, exc: SendKitError) -> Response:
+    if exc.status >= 500:
+        log.warning("service_error", code=exc.code, message=exc.message)
+    return envelope.error(_request_id(request), exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    err: SendKitError
+    if exc.status_code == 404:
+        err = RouteNotFound()
+    elif exc.status_code == 405:
+        err = MethodNotAllowed()
+    else:
+        err = BadRequest(f"Bad request parameters: {exc.detail}")
+        err.status = exc.status_code
+    return envelope.error(
+        _request_id(request), err.status, err.code, err.message, dict(exc.headers or {})
+    )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    err = BadRequest(f"Bad request parameters: {exc.errors()[0].get('msg', 'invalid')}")
+    return envelope.error(_request_id(request), err.status, err.code, err.message)
