@@ -80,6 +80,9 @@ def emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
+    init_demo: Annotated[
+        bool, typer.Option("--init-demo", help="On first start, create the demo account.")
+    ] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Serve the API (and delivery workers) in one process; migrates first."""
@@ -90,7 +93,7 @@ def serve(
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
-    run_server(settings_for(data_dir, **overrides))
+    run_server(settings_for(data_dir, **overrides), init_demo=init_demo)
 
 
 @app.command()

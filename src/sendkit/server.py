@@ -4,27 +4,59 @@ from __future__ import annotations
 
 import asyncio
 
+import typer
 import uvicorn
 
-from sendkit import logs
+from sendkit import accounts, logs
+from sendkit import services as services_mod
 from sendkit.config import Settings
-from sendkit.db import Database
 from sendkit.migrate import migrate
 from sendkit.web.app import create_app
 
 
-async def _migrate(settings: Settings) -> None:
-    db = Database(settings.db_url)
+async def _prepare(settings: Settings, init_demo: bool) -> dict[str, str] | None:
+    """Migrate; on the very first start with `init_demo`, create the demo account."""
+    services = services_mod.build(settings)
     try:
-        await migrate(db)
+        await migrate(services.db)
+        if not init_demo or await accounts.find_demo(services.db) is not None:
+            return None
+        from sendkit.cli import ensure_demo
+
+        return {k: str(v) for k, v in (await ensure_demo(services)).items()}
     finally:
-        await db.dispose()
+        await services.close()
 
 
-def serve(settings: Settings) -> None:
+def _banner(settings: Settings, demo: dict[str, str]) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    return f"""
+SendKit is starting with a demo account (shown once; keep it):
+  API key          {demo["apiKey"]}
+  signing secret   {demo["signingSecret"]}
+  appId            {demo["appId"]}
+  dashboard login  {demo.get("dashboardEmail", "")} / {demo.get("dashboardPassword", "")}
+  data directory   {settings.data_dir.resolve()}
+
+Try it:
+  curl -X POST {base}/v1/send \\
+    -H "Content-Type: application/json; charset=utf-8" \\
+    -H "Authorization: Bearer {demo["apiKey"]}" \\
+    -d '{{"from": "from@example.com", "to": "to@example.com",
+         "subject": "test send", "body": "test content"}}'
+
+Delivery mode: {settings.delivery} (nothing leaves this machine in sandbox mode).
+Look a message up:  .venv/bin/sendkit messages show <X-Message-Id> --data-dir {settings.data_dir}
+API docs:           {base}/docs
+"""
+
+
+def serve(settings: Settings, *, init_demo: bool = False) -> None:
     logs.configure(json=settings.json_logs, level=settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_migrate(settings))
+    demo = asyncio.run(_prepare(settings, init_demo))
+    if demo is not None:
+        typer.echo(_banner(settings, demo))
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

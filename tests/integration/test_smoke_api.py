@@ -1,0 +1,33 @@
+"""The documented happy paths through the app, on both databases."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import SEND_EXAMPLE, Tenant, assert_envelope
+
+
+async def test_send_is_accepted_and_queued(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    response = await client.post("/v1/send", json=SEND_EXAMPLE, headers=tenant.auth)
+    assert response.status_code == 200
+    payload = response.json()
+    assert_envelope(payload, 0)
+    assert payload["message"] == "Successfully"
+    assert payload["data"] is None
+    assert response.headers["x-request-id"] == payload["requestId"]
+    assert len(response.headers["x-message-id"]) == 32
+
+
+async def test_contact_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    contact = {
+        "appId": tenant.app_id,
+        "emailAddress": "john.doe@example.com",
+        "status": "Confirmed",
+        "data": {"firstName": "John", "vipLevel": 1},
+    }
+    saved = await client.post("/v1/contact", json=contact, headers=tenant.auth)
+    assert saved.json()["code"] == 0
+    listed = await client.get("/v1/contact", params={"appId": tenant.app_id}, headers=tenant.auth)
+    data = listed.json()["data"]
+    assert data["total"] == 1 and data["page"] == 1 and data["pageSize"] == 500
+    assert data["list"][0]["firstName"] == "John"
