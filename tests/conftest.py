@@ -179,7 +179,7 @@ async def make_tenant(
     db = services.db
     account_id = await accounts.create(db, name, active=active)
     app = await apps.create(db, account_id, f"{name} app")
-    await domains.add(db, account_id, domain, verified=verified)
+    await domains.add(db, services.box, account_id, domain, verified=verified)
     if sender is not None:
         await domains.add_sender(db, account_id, f"{sender}@{domain}")
     key = await keys.create(

@@ -135,7 +135,14 @@ async def ensure_demo(services: Services) -> dict[str, Any]:
         account_id = await accounts.create(db, "Demo", active=True, is_demo=True)
     app_list = await apps.list_for_account(db, account_id)
     app = app_list[0] if app_list else await apps.create(db, account_id, "Demo app")
-    await domains.add(db, account_id, "example.com", verified=True)
+    await domains.add(
+        db,
+        services.box,
+        account_id,
+        "example.com",
+        verified=True,
+        selector=services.settings.dkim_selector,
+    )
     await domains.add_sender(db, account_id, "*@example.com")
     key = await keys.create(db, services.box, account_id, name="demo", signing=True)
     result: dict[str, Any] = {
@@ -246,12 +253,37 @@ def domain_add(
     as_json: Json = False,
     data_dir: DataDir = None,
 ) -> None:
-    domain = run(data_dir, lambda s: domains.add(s.db, account, name, verified=verified))
+    domain = run(
+        data_dir,
+        lambda s: domains.add(
+            s.db, s.box, account, name, verified=verified, selector=s.settings.dkim_selector
+        ),
+    )
     emit(
         as_json,
         {"domain": domain.name, "verified": domain.verified},
         f"domain {domain.name} added" + (" (verified)" if domain.verified else ""),
     )
+
+
+@domain_app.command("records")
+def domain_records(
+    name: str, account: AccountOpt, as_json: Json = False, data_dir: DataDir = None
+) -> None:
+    """The DNS records to publish for a domain (the DKIM private key is never printed)."""
+    records = run(
+        data_dir,
+        lambda s: domains.dns_records(
+            s.db,
+            s.box,
+            account,
+            name,
+            mail_host=s.settings.mail_host or s.settings.ehlo_name,
+            return_path_subdomain=s.settings.return_path_subdomain,
+        ),
+    )
+    text = "\n".join(f"{r['type']:4} {r['name']}  {r['value']}" for r in records)
+    emit(as_json, {"records": records}, text)
 
 
 @sender_app.command("add")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,44 @@ class Settings(BaseSettings):
         "sandbox", description="Where queued messages go: local inbox, smarthost or MX."
     )
     workers: bool = Field(True, description="Run delivery workers inside `sendkit serve`.")
+    worker_concurrency: int = Field(20, description="Messages each worker sends at once.")
+    lease_seconds: float = Field(
+        900, description="How long a claimed message stays with its worker before reclaim."
+    )
+    poll_interval: float = Field(0.5, description="Seconds between queue polls when idle.")
+    shutdown_timeout: float = Field(
+        30, description="On SIGTERM, seconds in-flight SMTP transactions may take to finish."
+    )
+    retry_schedule: str | None = Field(
+        None,
+        description="Retry delays, e.g. '300,1500,1800,3600,7200,10800;give_up=432000' "
+        "(seconds). Default: about 5 min, 25 min, 30 min, 1 h, 2 h, then every 3 h, "
+        "for 5 days.",
+    )
+    ehlo_name: str = Field(
+        default_factory=socket.getfqdn, description="Name this server gives in EHLO."
+    )
+    mail_host: str | None = Field(
+        None, description="Host name published in SPF and return-path MX records (EHLO name)."
+    )
+    dkim_selector: str = Field("sendkit", description="DKIM selector for new domains.")
+    return_path_subdomain: str = Field(
+        "bounces", description="Bounces go to <prefix>+<id>@<this>.<sending domain>."
+    )
+    relay_host: str = Field("127.0.0.1", description="Smarthost for SENDKIT_DELIVERY=relay.")
+    relay_port: int = Field(25, description="Smarthost port.")
+    relay_username: str | None = Field(None, description="Smarthost AUTH user.")
+    relay_password: str | None = Field(None, description="Smarthost AUTH password.")
+    relay_tls: Literal["none", "starttls", "tls"] = Field(
+        "none", description="TLS to the smarthost."
+    )
+    direct_port: int = Field(25, description="Port of remote MX hosts (tests change it).")
+    max_connections_per_destination: int = Field(
+        10, description="Open SMTP connections per destination at most."
+    )
+    smtp_timeout: float | None = Field(
+        None, description="Override every SMTP timeout (seconds); default RFC 5321 values."
+    )
 
     @model_validator(mode="after")
     def _refuse_default_secret_in_production(self) -> Settings:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from sendkit import dkim
 from sendkit.accounts import new_id
+from sendkit.crypto import SecretBox
 from sendkit.addresses import Mailbox, normalise_domain, parse_mailbox
 from sendkit.db import Database, accounts, domains, now_ms, senders
 from sendkit.errors import BadRequest, InvalidDomain, NotFound, UnknownSender
@@ -29,9 +33,20 @@ def _domain_name(name: str) -> str:
         raise BadRequest(f"Bad request parameters: domain '{name}' {exc}") from None
 
 
-async def add(db: Database, account_id: str, name: str, *, verified: bool = False) -> Domain:
-    """Add a domain, or return the existing one (marking it verified when asked)."""
+async def add(
+    db: Database,
+    box: SecretBox,
+    account_id: str,
+    name: str,
+    *,
+    verified: bool = False,
+    selector: str = "sendkit",
+) -> Domain:
+    """Add a domain with a new DKIM key, or return the existing one (marking it verified
+    when asked)."""
     domain = Domain(new_id(), _domain_name(name), verified)
+    # Key generation takes ~100 ms of CPU: keep it off the event loop.
+    pem = await asyncio.to_thread(dkim.generate_private_key)
     async with db.begin() as conn:
         if await conn.scalar(sa.select(accounts.c.id).where(accounts.c.id == account_id)) is None:
             raise NotFound("Account not found")
@@ -54,6 +69,8 @@ async def add(db: Database, account_id: str, name: str, *, verified: bool = Fals
                 account_id=account_id,
                 name=domain.name,
                 verified=verified,
+                dkim_selector=selector,
+                dkim_private_key=box.encrypt(pem.decode("ascii")),
                 created_at=now_ms(),
             )
         )
@@ -129,3 +146,56 @@ async def check_sender(db: Database, account_id: str, sender: Mailbox) -> None:
         raise InvalidDomain()
     if all(r.address is None for r in rows):
         raise UnknownSender()
+
+
+async def signing_key(
+    db: Database, box: SecretBox, account_id: str, domain_name: str
+) -> dkim.DkimKey | None:
+    """The DKIM key of an account's domain, decrypted for the signer; None without one."""
+    async with db.read() as conn:
+        row = (
+            await conn.execute(
+                sa.select(domains.c.dkim_selector, domains.c.dkim_private_key).where(
+                    domains.c.account_id == account_id, domains.c.name == domain_name
+                )
+            )
+        ).first()
+    if row is None or not row.dkim_private_key or not row.dkim_selector:
+        return None
+    pem = box.decrypt(row.dkim_private_key).encode("ascii")
+    return dkim.DkimKey(domain=domain_name, selector=row.dkim_selector, private_key_pem=pem)
+
+
+async def dns_records(
+    db: Database,
+    box: SecretBox,
+    account_id: str,
+    name: str,
+    *,
+    mail_host: str,
+    return_path_subdomain: str,
+) -> list[dict[str, Any]]:
+    """What to publish in DNS: SPF, the DKIM key, DMARC, and the return path."""
+    domain_name = _domain_name(name)
+    key = await signing_key(db, box, account_id, domain_name)
+    if key is None:
+        raise NotFound("Domain not found")
+    spf = f"v=spf1 a:{mail_host} ~all"
+    return_path = f"{return_path_subdomain}.{domain_name}"
+    return [
+        {"type": "TXT", "purpose": "SPF", "name": domain_name, "value": spf},
+        {
+            "type": "TXT",
+            "purpose": "DKIM",
+            "name": f"{key.selector}._domainkey.{domain_name}",
+            "value": dkim.public_key_record(key.private_key_pem),
+        },
+        {
+            "type": "TXT",
+            "purpose": "DMARC",
+            "name": f"_dmarc.{domain_name}",
+            "value": f"v=DMARC1; p=none; rua=mailto:dmarc@{domain_name}",
+        },
+        {"type": "MX", "purpose": "Return-Path", "name": return_path, "value": f"10 {mail_host}"},
+        {"type": "TXT", "purpose": "Return-Path SPF", "name": return_path, "value": spf},
+    ]

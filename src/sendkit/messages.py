@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import domains
+from sendkit import domains, suppressions
 from sendkit.accounts import Account, utc_today
 from sendkit.addresses import Mailbox, parse_mailbox
 from sendkit.db import Database, daily_usage, messages, now_ms
@@ -74,6 +74,9 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
     now = now_ms()
     async with db.begin() as conn:
         await _count_against_daily_limit(conn, account)
+        # Accepted, but never attempted: the address bounced or complained before.
+        suppressed = await suppressions.is_suppressed(conn, account.id, recipient.lower)
+        status = "suppressed" if suppressed else "queued"
         await conn.execute(
             messages.insert().values(
                 id=message_id,
@@ -86,14 +89,14 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
                 subject=request.subject,
                 body=request.body,
                 size=request.size(),
-                status="queued",
+                status=status,
                 attempts=0,
-                next_attempt_at=now,
+                next_attempt_at=None if suppressed else now,
                 created_at=now,
                 updated_at=now,
             )
         )
-    return Accepted(message_id, "queued")
+    return Accepted(message_id, status)
 
 
 async def _count_against_daily_limit(conn: AsyncConnection, account: Account) -> None:
