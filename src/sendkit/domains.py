@@ -11,8 +11,8 @@ from sqlalchemy.exc import IntegrityError
 
 from sendkit import dkim
 from sendkit.accounts import new_id
-from sendkit.crypto import SecretBox
 from sendkit.addresses import Mailbox, normalise_domain, parse_mailbox
+from sendkit.crypto import SecretBox
 from sendkit.db import Database, accounts, domains, now_ms, senders
 from sendkit.errors import BadRequest, InvalidDomain, NotFound, UnknownSender
 
