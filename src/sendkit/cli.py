@@ -15,6 +15,7 @@ from sendkit import accounts, apps, domains, keys, logs
 from sendkit import messages as messages_mod
 from sendkit import services as services_mod
 from sendkit.config import Settings
+from sendkit.delivery.sandbox import raw_message
 from sendkit.errors import SendKitError
 from sendkit.migrate import migrate as run_migrations
 from sendkit.services import Services
@@ -94,6 +95,21 @@ def serve(
     if port is not None:
         overrides["port"] = port
     run_server(settings_for(data_dir, **overrides), init_demo=init_demo)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", help="Messages in flight at once.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run delivery workers alone (several may share one PostgreSQL)."""
+    from sendkit.delivery.runner import run_standalone
+
+    settings = settings_for(data_dir)
+    logs.configure(json=settings.json_logs, level=settings.log_level)
+    asyncio.run(run_standalone(settings, concurrency=concurrency))
 
 
 @app.command()
@@ -293,13 +309,41 @@ def sender_add(address: str, account: AccountOpt, data_dir: DataDir = None) -> N
 
 
 @messages_app.command("show")
-def messages_show(ident: str, as_json: Json = False, data_dir: DataDir = None) -> None:
-    """A message by id or requestId, with its status."""
-    found = run(data_dir, lambda s: messages_mod.find(s.db, ident))
+def messages_show(
+    ident: str,
+    raw: Annotated[bool, typer.Option("--raw", help="Print the delivered source only.")] = False,
+    as_json: Json = False,
+    data_dir: DataDir = None,
+) -> None:
+    """A message by id or requestId: status, attempts, and the sandbox copy if any."""
+
+    async def action(s: Services) -> dict[str, Any] | None:
+        found = await messages_mod.find(s.db, ident)
+        if found is not None:
+            source = await raw_message(s.db, found["id"])
+            found["raw"] = source.decode("utf-8", "replace") if source is not None else None
+        return found
+
+    found = run(data_dir, action)
     if found is None:
         typer.echo("error: message not found", err=True)
         raise typer.Exit(1)
-    emit(as_json, found, "\n".join(f"{k}: {v}" for k, v in found.items()))
+    if raw:
+        typer.echo(found["raw"] or "", nl=False)
+        return
+    found["attempts"] = found.pop("attempts_log")
+    emit(as_json, found, _describe_message(found))
+
+
+def _describe_message(found: dict[str, Any]) -> str:
+    lines = [f"{k}: {v}" for k, v in found.items() if k not in ("attempts", "raw")]
+    for attempt in found["attempts"]:
+        lines.append(
+            f"attempt: {attempt['outcome']} {attempt['code']} {attempt['host']} {attempt['text']}"
+        )
+    if found["raw"]:
+        lines += ["", found["raw"]]
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sendkit import domains, suppressions
 from sendkit.accounts import Account, utc_today
 from sendkit.addresses import Mailbox, parse_mailbox
-from sendkit.db import Database, daily_usage, messages, now_ms
+from sendkit.db import Database, attempts, daily_usage, messages, now_ms
 from sendkit.errors import DailyLimitReached, MessageTooLarge
 from sendkit.validation import no_crlf
 
@@ -132,13 +132,26 @@ async def sent_today(db: Database, account_id: str) -> int:
     return int(value or 0)
 
 
+_PUBLIC_COLUMNS = [
+    c for c in messages.c if c.name not in ("lease_token", "lease_expires_at", "body")
+]
+
+
 async def find(db: Database, ident: str, *, account_id: str | None = None) -> dict[str, Any] | None:
-    """A message by its id or its requestId, scoped to an account when one is given."""
-    query = sa.select(messages).where(
+    """A message by its id or its requestId, with its delivery attempts; scoped to an
+    account when one is given."""
+    query = sa.select(*_PUBLIC_COLUMNS).where(
         sa.or_(messages.c.id == ident, messages.c.request_id == ident)
     )
     if account_id is not None:
         query = query.where(messages.c.account_id == account_id)
     async with db.read() as conn:
         row = (await conn.execute(query.limit(1))).first()
-    return dict(row._mapping) if row is not None else None
+        if row is None:
+            return None
+        found = dict(row._mapping)
+        rows = await conn.execute(
+            sa.select(attempts).where(attempts.c.message_id == row.id).order_by(attempts.c.id)
+        )
+        found["attempts_log"] = [dict(r._mapping) for r in rows]
+    return found

@@ -22,6 +22,12 @@ class Services:
     redis: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def notify_queued(self) -> None:
+        """Wake an in-process worker at once instead of at its next poll."""
+        worker = self.extras.get("worker")
+        if worker is not None:
+            worker.wakeup.set()
+
     async def close(self) -> None:
         await self.db.dispose()
         if self.redis is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -172,10 +171,3 @@ async def counts_by_status(db: Database) -> dict[str, int]:
             sa.select(messages.c.status, sa.func.count()).group_by(messages.c.status)
         )
         return {status: int(n) for status, n in rows}
-
-
-async def attempts_of(conn: AsyncConnection, message_id: str) -> list[dict[str, Any]]:
-    rows = await conn.execute(
-        sa.select(attempts).where(attempts.c.message_id == message_id).order_by(attempts.c.id)
-    )
-    return [dict(r._mapping) for r in rows]

@@ -22,9 +22,9 @@ def _body_schema(model: Any) -> dict[str, Any]:
 @router.post("/send", openapi_extra=_body_schema(messages.SendRequest), summary="Send an email")
 async def send(request: Request, call: ApiCall = Depends(api_call)) -> envelope.JSONResponse:
     payload = parse(messages.SendRequest, params(call, request))
-    accepted = await messages.submit(
-        services_of(request).db, call.account, payload, call.request_id
-    )
+    services = services_of(request)
+    accepted = await messages.submit(services.db, call.account, payload, call.request_id)
+    services.notify_queued()
     return envelope.ok(call.request_id, None, headers={"X-Message-Id": accepted.message_id})
 
 

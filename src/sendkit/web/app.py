@@ -28,9 +28,17 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
         app.state.services = services_mod.build(settings) if own else services
+        workers = None
+        if settings.workers and own:
+            # Imported here: the API alone (tests, `--no-workers`) never loads SMTP code.
+            from sendkit.delivery.runner import start_workers
+
+            workers = start_workers(app.state.services)
         try:
             yield
         finally:
+            if workers is not None:
+                await workers.stop()
             if own:
                 await app.state.services.close()
 

@@ -1,0 +1,54 @@
+"""Running workers: inside `sendkit serve`, or alone as `sendkit worker`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from sendkit import logs
+from sendkit import services as services_mod
+from sendkit.config import Settings
+from sendkit.delivery.worker import Worker, make_transport
+from sendkit.migrate import migrate
+from sendkit.services import Services
+
+log = logs.get("sendkit.worker")
+
+
+class RunningWorkers:
+    def __init__(self, worker: Worker, task: asyncio.Task[None], stop_event: asyncio.Event):
+        self.worker = worker
+        self.task = task
+        self.stop_event = stop_event
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.worker.transport.close()
+
+
+def start_workers(services: Services, *, concurrency: int | None = None) -> RunningWorkers:
+    worker = Worker(
+        services, make_transport(services.settings, services.db), concurrency=concurrency
+    )
+    services.extras["worker"] = worker
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop), name="sendkit-worker")
+    return RunningWorkers(worker, task, stop)
+
+
+async def run_standalone(settings: Settings, *, concurrency: int | None = None) -> None:
+    """`sendkit worker`: until SIGTERM or SIGINT, then a bounded graceful stop."""
+    services = services_mod.build(settings)
+    try:
+        await migrate(services.db)
+        running = start_workers(services, concurrency=concurrency)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, running.stop_event.set)
+        log.info("worker_started", concurrency=running.worker.concurrency)
+        await running.stop_event.wait()
+        log.info("worker_stopping")
+        await running.stop()
+    finally:
+        await services.close()
