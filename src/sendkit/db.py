@@ -241,6 +241,110 @@ inbox = sa.Table(
 )
 
 
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    # The cookie carries only this random id; a new one is issued at every login.
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column(
+        "user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    _created(),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    _account_fk(),
+    sa.Column("message_id", sa.String(32), nullable=True, index=True),
+    # queued | delivered | deferred | bounced | failed | suppressed | complained | unsubscribed
+    sa.Column("type", sa.String(20), nullable=False),
+    sa.Column("data", sa.Text, nullable=False, default="{}"),  # JSON
+    _created(),
+)
+
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column("url", sa.String(2000), nullable=False),
+    sa.Column("secret", sa.Text, nullable=False),  # encrypted with the server's key
+    sa.Column("events", sa.Text, nullable=False),  # comma-separated event types, or "*"
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("disabled_reason", sa.String(200), nullable=True),
+    _created(),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    _id(),
+    sa.Column(
+        "endpoint_id",
+        sa.String(32),
+        sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("event_id", sa.BigInteger, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    # pending | sending | delivered | failed
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.BigInteger, nullable=True),
+    sa.Column("lease_token", sa.String(32), nullable=True),
+    sa.Column("last_status_code", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    _created(),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column(
+        "delivery_id",
+        sa.String(32),
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("started_at", sa.BigInteger, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("response_excerpt", sa.Text, nullable=True),
+)
+
+import_jobs = sa.Table(
+    "import_jobs",
+    metadata,
+    _id(),
+    _account_fk(),
+    sa.Column(
+        "app_pk", sa.String(32), sa.ForeignKey("apps.id", ondelete="CASCADE"), nullable=False
+    ),
+    # queued | running | done | failed
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("filename", sa.String(300), nullable=False, default=""),
+    sa.Column("path", sa.String(1000), nullable=False),  # the uploaded CSV in the data dir
+    sa.Column("total_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("processed_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("created_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("updated_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("error_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("errors", sa.Text, nullable=False, default=""),  # first few row errors
+    _created(),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+
 class Database:
     """One engine per process; `begin()` is the only way to write."""
 
