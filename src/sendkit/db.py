@@ -57,6 +57,8 @@ accounts = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("active", sa.Boolean, nullable=False, default=False),
     sa.Column("is_demo", sa.Boolean, nullable=False, default=False),
+    # The instance's own account: it sends activation and password-reset emails.
+    sa.Column("is_system", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Column("rate_per_second", sa.Integer, nullable=False, default=5),
     sa.Column("daily_limit", sa.Integer, nullable=False, default=10_000),
     sa.Column("max_message_size", sa.Integer, nullable=False, default=10 * 1024 * 1024),

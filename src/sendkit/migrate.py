@@ -22,7 +22,8 @@ def alembic_config() -> Config:
 def _upgrade(conn: Connection) -> None:
     cfg = alembic_config()
     cfg.attributes["connection"] = conn
-    command.upgrade(cfg, "head")
+    # "heads": features may add migrations on separate branches of the history.
+    command.upgrade(cfg, "heads")
 
 
 async def migrate(db: Database) -> None:
