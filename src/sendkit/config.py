@@ -27,6 +27,10 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL, e.g. postgresql+asyncpg://user@host/db. "
         "Default: SQLite at <data_dir>/sendkit.db.",
     )
+    db_lock_timeout: float = Field(
+        5.0,
+        description="Seconds a write waits for a locked database before the API answers 503.",
+    )
     redis_url: str | None = Field(
         None, description="redis://host:port/db for shared rate limits and replay protection."
     )
@@ -92,6 +96,33 @@ class Settings(BaseSettings):
         None, description="Override every SMTP timeout (seconds); default RFC 5321 values."
     )
 
+    # --- dashboard ------------------------------------------------------------------------
+    system_from: str = Field(
+        "SendKit <no-reply@sendkit.example>",
+        description="From of the emails SendKit itself sends (activation, password reset), "
+        "through its system account; its domain is verified for that account automatically.",
+    )
+    signup_enabled: bool = Field(
+        True, description="Let anyone who reaches the dashboard sign up for an account."
+    )
+    session_hours: int = Field(
+        24 * 14, description="How long a dashboard login lasts before signing in again."
+    )
+    activation_hours: int = Field(72, description="How long an account activation link works.")
+    reset_minutes: int = Field(60, description="How long a password reset link works.")
+    login_attempts_per_minute: int = Field(
+        5, description="Dashboard login attempts allowed per email address and client address."
+    )
+    import_max_bytes: int = Field(
+        200 * 1024 * 1024,
+        description="Largest CSV file the dashboard accepts for a contact import.",
+    )
+    dns_nameserver: str | None = Field(
+        None,
+        description="'host' or 'host:port' of the DNS server that domain verification asks "
+        "(tests point it at a local one). Default: the system's resolvers.",
+    )
+
     @model_validator(mode="after")
     def _refuse_default_secret_in_production(self) -> Settings:
         if self.environment == "production" and not self.secret_key:
@@ -107,6 +138,14 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.db_url.startswith("sqlite")
+
+    def public_url(self) -> str:
+        """Where people reach this server, for links in emails: `base_url` when it was set,
+        else the address `sendkit serve` listens on."""
+        if "base_url" in self.model_fields_set:
+            return self.base_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+        return f"http://{host}:{self.port}"
 
     def resolved_secret_key(self) -> str:
         """The configured key, or one generated once and kept in the data directory."""

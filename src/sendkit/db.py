@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from sendkit.errors import ServiceUnavailable
@@ -350,10 +350,10 @@ import_jobs = sa.Table(
 class Database:
     """One engine per process; `begin()` is the only way to write."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, lock_timeout: float = 5.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self.engine: AsyncEngine = _create_engine(url, echo=echo)
+        self.engine: AsyncEngine = _create_engine(url, echo=echo, lock_timeout=lock_timeout)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
@@ -361,7 +361,7 @@ class Database:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except OperationalError as exc:
+        except DBAPIError as exc:
             if _is_unavailable(exc):
                 raise ServiceUnavailable() from exc
             raise
@@ -377,15 +377,37 @@ class Database:
         await self.engine.dispose()
 
 
-def _is_unavailable(exc: OperationalError) -> bool:
+_UNAVAILABLE = (
+    "locked",
+    "lock timeout",
+    "disk",
+    "full",
+    "busy",
+    "i/o",
+    "readonly",
+    "no space",
+    "connection refused",
+    "cannot connect now",
+)
+
+
+def _is_unavailable(exc: DBAPIError) -> bool:
     text = str(exc.orig).lower()
-    return any(s in text for s in ("locked", "disk", "full", "busy", "i/o", "readonly"))
+    return any(s in text for s in _UNAVAILABLE)
 
 
-def _create_engine(url: str, *, echo: bool) -> AsyncEngine:
+def _create_engine(url: str, *, echo: bool, lock_timeout: float) -> AsyncEngine:
     if not url.startswith("sqlite"):
-        return create_async_engine(url, echo=echo, pool_size=10, max_overflow=20)
-    engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+        # A write stuck behind a lock fails after lock_timeout instead of hanging the API.
+        settings = {"lock_timeout": str(int(lock_timeout * 1000))}
+        return create_async_engine(
+            url,
+            echo=echo,
+            pool_size=10,
+            max_overflow=20,
+            connect_args={"server_settings": settings},
+        )
+    engine = create_async_engine(url, echo=echo, connect_args={"timeout": lock_timeout})
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
     return engine
@@ -400,7 +422,6 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # FULL: a commit is on disk before we answer; acknowledged mail must survive a crash.
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 

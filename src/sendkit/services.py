@@ -44,7 +44,7 @@ def build(settings: Settings) -> Services:
         guard = RedisReplayGuard(redis_client)
     return Services(
         settings=settings,
-        db=Database(settings.db_url),
+        db=Database(settings.db_url, lock_timeout=settings.db_lock_timeout),
         box=SecretBox(settings.resolved_secret_key()),
         limiter=RateLimiter(settings.redis_url),
         replay_guard=guard,

@@ -1,0 +1,123 @@
+"""A locked or full database answers 503 at enqueue time, never a false success."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from sendkit import services as services_mod
+from sendkit.db import messages
+from sendkit.web.app import create_app
+from tests.conftest import PG_HOST, PG_PORT, PG_USER, SEND_EXAMPLE, make_settings, make_tenant
+
+
+async def _count(services: services_mod.Services) -> int:
+    async with services.db.read() as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(messages)) or 0)
+
+
+async def _post(services: services_mod.Services, token: str) -> httpx.Response:
+    app = create_app(services.settings, services)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        return await client.post(
+            "/v1/send", json=SEND_EXAMPLE, headers={"Authorization": f"Bearer {token}"}
+        )
+
+
+async def test_locked_database_answers_503(tmp_path: Path, database_url: str, backend: str) -> None:
+    services = services_mod.build(make_settings(tmp_path, database_url, db_lock_timeout=0.3))
+    try:
+        tenant = await make_tenant(services)
+        async with _held_lock(database_url, backend):
+            response = await _post(services, tenant.token)
+        assert response.status_code == 503
+        assert response.json()["code"] == 100503
+        assert await _count(services) == 0
+        retried = await _post(services, tenant.token)  # the lock is gone: accepted now
+        assert retried.status_code == 200
+        assert await _count(services) == 1
+    finally:
+        await services.close()
+
+
+class _held_lock:  # noqa: N801 - reads as a context manager
+    def __init__(self, url: str, backend: str) -> None:
+        self.url, self.backend = url, backend
+        self.release: asyncio.Event = asyncio.Event()
+
+    async def __aenter__(self) -> None:
+        if self.backend == "sqlite":
+            self.sqlite = sqlite3.connect(self.url.split("///", 1)[1], isolation_level=None)
+            self.sqlite.execute("BEGIN EXCLUSIVE")
+        else:
+            self.pg = await asyncpg.connect(
+                host=PG_HOST, port=PG_PORT, user=PG_USER, database=self.url.rsplit("/", 1)[1]
+            )
+            self.tx = self.pg.transaction()
+            await self.tx.start()
+            await self.pg.execute("LOCK TABLE daily_usage IN ACCESS EXCLUSIVE MODE")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.backend == "sqlite":
+            self.sqlite.execute("ROLLBACK")
+            self.sqlite.close()
+        else:
+            await self.tx.rollback()
+            await self.pg.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_full_disk_answers_503(
+    tmp_path: Path, tiny_disk: Path, sqlite_template: Path
+) -> None:
+    db_path = tiny_disk / "sendkit.db"
+    shutil.copyfile(sqlite_template, db_path)
+    services = services_mod.build(make_settings(tmp_path, f"sqlite+aiosqlite:///{db_path}"))
+    filler = tiny_disk / "filler"
+    try:
+        tenant = await make_tenant(services)
+        assert (await _post(services, tenant.token)).status_code == 200
+        try:  # take every byte that is left
+            with filler.open("wb", buffering=0) as out:
+                while True:
+                    out.write(b"\0" * 4096)
+        except OSError:
+            pass
+        big = SEND_EXAMPLE | {"body": "x" * 200_000}
+        app = create_app(services.settings, services)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            response = await client.post("/v1/send", json=big, headers=tenant.auth)
+        assert response.status_code == 503
+        assert response.json()["code"] == 100503
+        filler.unlink()
+        assert (await _post(services, tenant.token)).status_code == 200
+        assert await _count(services) == 2
+    finally:
+        await services.close()
