@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sqlite3
 import subprocess
@@ -51,10 +50,9 @@ async def test_locked_database_answers_503(tmp_path: Path, database_url: str, ba
         await services.close()
 
 
-class _held_lock:  # noqa: N801 - reads as a context manager
+class _held_lock:
     def __init__(self, url: str, backend: str) -> None:
         self.url, self.backend = url, backend
-        self.release: asyncio.Event = asyncio.Event()
 
     async def __aenter__(self) -> None:
         if self.backend == "sqlite":
