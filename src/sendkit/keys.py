@@ -151,10 +151,12 @@ async def authenticate(db: Database, box: SecretBox, token: str) -> Authenticate
 
 
 async def _touch(db: Database, key_id: str) -> None:
-    async with db.begin() as conn:
+    async def touch(conn: AsyncConnection) -> None:
         await conn.execute(
             api_keys.update().where(api_keys.c.id == key_id).values(last_used_at=now_ms())
         )
+
+    await db.write(touch)
 
 
 # --- request signatures ---------------------------------------------------------------
@@ -202,6 +204,34 @@ class RedisReplayGuard:
         return bool(await self._client.set(f"sendkit:sig:{signature}", 1, nx=True, ex=ttl))
 
 
+def precheck_signature(
+    key: AuthenticatedKey,
+    *,
+    timestamp: str | None,
+    signature: str | None,
+    window: int,
+    now: float | None = None,
+) -> bool:
+    """The part of check 1 that needs no body; True when the request is to be verified.
+
+    Runs before the body is read, so a request that can never pass answers 100029 even
+    when its body is also too large.
+    """
+    if timestamp is None and signature is None:
+        if key.require_signature:
+            raise InvalidSignature("Invalid signature: this API key requires signed requests")
+        return False
+    if not key.signing_secret or not timestamp or not signature:
+        raise InvalidSignature()
+    try:
+        skew = abs((time.time() if now is None else now) - int(timestamp))
+    except ValueError:
+        raise InvalidSignature() from None
+    if skew > window:
+        raise InvalidSignature("Invalid signature: timestamp outside the allowed window")
+    return True
+
+
 async def verify_signature(
     key: AuthenticatedKey,
     *,
@@ -215,18 +245,11 @@ async def verify_signature(
     now: float | None = None,
 ) -> None:
     """Check 1 of the documented order for signed requests; every failure is 100029."""
-    if timestamp is None and signature is None:
-        if key.require_signature:
-            raise InvalidSignature("Invalid signature: this API key requires signed requests")
+    signed = precheck_signature(
+        key, timestamp=timestamp, signature=signature, window=window, now=now
+    )
+    if not signed or timestamp is None or signature is None or key.signing_secret is None:
         return
-    if not key.signing_secret or not timestamp or not signature:
-        raise InvalidSignature()
-    try:
-        skew = abs((time.time() if now is None else now) - int(timestamp))
-    except ValueError:
-        raise InvalidSignature() from None
-    if skew > window:
-        raise InvalidSignature("Invalid signature: timestamp outside the allowed window")
     expected = sign_request(key.signing_secret, timestamp, method, path_with_query, body)
     if not hmac.compare_digest(expected, signature.strip().lower()):
         raise InvalidSignature()

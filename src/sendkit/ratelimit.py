@@ -49,5 +49,12 @@ class RateLimiter:
             raise RateLimited(headers=headers)
         return state
 
+    async def close(self) -> None:
+        """The Redis storage opens its own client; nothing else would close it."""
+        if isinstance(self.storage, RedisStorage):
+            client = getattr(getattr(self.storage, "bridge", None), "storage", None)
+            if client is not None:
+                await client.aclose()
+
     async def reset(self) -> None:
         await self.storage.reset()

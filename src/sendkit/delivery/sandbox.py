@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit.db import Database, inbox, messages, now_ms
 from sendkit.delivery.transports import DeliveryResult, Envelope
@@ -18,7 +19,8 @@ class SandboxTransport:
         started = time.perf_counter()
         account_id = sa.select(messages.c.account_id).where(messages.c.id == envelope.message_id)
         raw = b"Return-Path: <" + envelope.mail_from.encode() + b">\r\n" + envelope.data
-        async with self._db.begin() as conn:
+
+        async def keep(conn: AsyncConnection) -> None:
             # A retried message replaces its earlier copy: the inbox shows what was delivered.
             await conn.execute(inbox.delete().where(inbox.c.message_id == envelope.message_id))
             await conn.execute(
@@ -32,6 +34,8 @@ class SandboxTransport:
                     ),
                 )
             )
+
+        await self._db.write(keep)
         return DeliveryResult.from_reply(
             250,
             "2.0.0 Ok: kept in the sandbox inbox",

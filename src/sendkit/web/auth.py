@@ -38,7 +38,8 @@ async def api_call(request: Request) -> ApiCall:
     timestamp = request.headers.get("x-sendkit-timestamp")
     signature = request.headers.get("x-sendkit-signature")
     body: bytes | None = None
-    if timestamp is not None or signature is not None or key.require_signature:
+    window = services.settings.signature_window
+    if keys.precheck_signature(key, timestamp=timestamp, signature=signature, window=window):
         body = await read_body(request, limit)
         await keys.verify_signature(
             key,
@@ -47,7 +48,7 @@ async def api_call(request: Request) -> ApiCall:
             method=request.method,
             path_with_query=_path_with_query(request),
             body=body,
-            window=services.settings.signature_window,
+            window=window,
             guard=services.replay_guard,
         )
     ensure_usable(key.account, utc_today())
