@@ -111,8 +111,9 @@ def _from_body(raw: bytes) -> dict[str, Any]:
             raise BadRequest("Bad request parameters: the body must be a JSON object")
         return value
     try:
-        pairs = parse_qsl(text.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
-    except (ValueError, UnicodeDecodeError):
+        # Lenient like curl users expect: stray or doubled '&' are ignored.
+        pairs = parse_qsl(text.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
         raise BadRequest("Bad request parameters: the body is neither JSON nor form data") from None
     return dict(pairs)
 
