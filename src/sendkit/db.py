@@ -18,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from sendkit.cache import TtlCache
 from sendkit.errors import SendKitError, ServiceUnavailable
 
 T = TypeVar("T")
@@ -355,18 +356,35 @@ WriteFn = Callable[[AsyncConnection], Awaitable[T]]
 _MAX_GROUP = 1000
 
 
+P = TypeVar("P")
+# Handles many callers' payloads with a few set-based statements; returns one result (or
+# the SendKitError for that caller) per payload, in order.
+BatchFn = Callable[[AsyncConnection, list[P]], Awaitable[list[Any]]]
+
+
 @dataclass
 class _Write(Generic[T]):
-    fn: WriteFn[T]
+    fn: WriteFn[T] | None
     future: asyncio.Future[T]
     savepoint: bool
+    batch: BatchFn[Any] | None = None
+    payload: Any = None
 
 
 class Database:
     """One engine per process. Writes go through `write()` (group commit) or `begin()`."""
 
-    def __init__(self, url: str, *, echo: bool = False, lock_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        lock_timeout: float = 5.0,
+        cache_seconds: float = 2.0,
+    ) -> None:
         self.url = url
+        # Lookups that every request repeats; writes to what they cache call clear().
+        self.cache = TtlCache(cache_seconds)
         self.is_sqlite = url.startswith("sqlite")
         self.engine: AsyncEngine = _create_engine(url, echo=echo, lock_timeout=lock_timeout)
         self._pending: list[_Write[Any]] = []
@@ -377,7 +395,17 @@ class Database:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that commits on success; a locked or full database answers 503."""
+        """A transaction that commits on success; a locked or full database answers 503.
+
+        The hot paths write through `write()`; everything else (keys, plans, domains,
+        senders) comes here, so a commit here also drops the cached lookups.
+        """
+        async with self._transaction() as conn:
+            yield conn
+        self.cache.clear()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self._writer_slot():
             try:
                 async with self.engine.begin() as conn:
@@ -409,6 +437,15 @@ class Database:
             self._committer = asyncio.create_task(self._commit_groups())
         return await future
 
+    async def write_batch(self, handler: BatchFn[P], payload: P) -> Any:
+        """Like `write()`, but every caller of the same `handler` in a group is served by
+        one call with all their payloads: the statements per request shrink with load."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(None, future, False, handler, payload))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_groups())
+        return await future
+
     async def _commit_groups(self) -> None:
         while self._pending:
             group, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
@@ -417,9 +454,15 @@ class Database:
     async def _commit_group(self, group: list[_Write[Any]]) -> None:
         outcomes: list[tuple[_Write[Any], Any, BaseException | None]] = []
         try:
-            async with self.begin() as conn:
+            async with self._transaction() as conn:
+                batches: dict[BatchFn[Any], list[_Write[Any]]] = {}
                 for item in group:
-                    outcomes.append(await _run_one(conn, item))
+                    if item.batch is not None:
+                        batches.setdefault(item.batch, []).append(item)
+                    else:
+                        outcomes.append(await _run_one(conn, item))
+                for handler, items in batches.items():
+                    outcomes.extend(await _run_batch(conn, handler, items))
         except BaseException as exc:  # the commit failed: nothing of this group is stored
             for item in group:
                 if not item.future.done():
@@ -448,9 +491,20 @@ class Database:
         await self.engine.dispose()
 
 
+async def _run_batch(
+    conn: AsyncConnection, handler: BatchFn[Any], items: list[_Write[Any]]
+) -> list[tuple[_Write[Any], Any, BaseException | None]]:
+    results = await handler(conn, [item.payload for item in items])
+    return [
+        (item, None, r) if isinstance(r, SendKitError) else (item, r, None)
+        for item, r in zip(items, results, strict=True)
+    ]
+
+
 async def _run_one(
     conn: AsyncConnection, item: _Write[Any]
 ) -> tuple[_Write[Any], Any, BaseException | None]:
+    assert item.fn is not None
     if item.future.cancelled():
         return item, None, None
     if not item.savepoint:

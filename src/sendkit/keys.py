@@ -124,6 +124,9 @@ async def authenticate(db: Database, box: SecretBox, token: str) -> Authenticate
     if not token.startswith(KEY_PREFIX) or len(token) > 200:
         raise InvalidSignature()
     digest = hash_key(token)
+    cached: AuthenticatedKey | None = db.cache.get(("key", digest))
+    if cached is not None:
+        return cached
     query = (
         sa.select(
             api_keys.c.id,
@@ -147,7 +150,9 @@ async def authenticate(db: Database, box: SecretBox, token: str) -> Authenticate
         await _touch(db, row.id)
     account = Account(**{f: getattr(row, "account_" + f) for f in _ACCOUNT_FIELDS})
     secret = box.decrypt(row.signing_secret) if row.signing_secret else None
-    return AuthenticatedKey(row.id, row.prefix, secret, row.require_signature, account)
+    found = AuthenticatedKey(row.id, row.prefix, secret, row.require_signature, account)
+    db.cache.put(("key", digest), found)
+    return found
 
 
 async def _touch(db: Database, key_id: str) -> None:
