@@ -12,6 +12,11 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q "${need[@]}"
 fi
 
+# Postfix (receiving MTA for delivery tests and the benchmark peer) and Chromium (browser
+# tests) have install scripts of their own.
+bash "$(dirname "$0")/install-postfix.sh"
+[ -f "$(dirname "$0")/install-chromium.sh" ] && bash "$(dirname "$0")/install-chromium.sh"
+
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
