@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sendkit import messages
+from sendkit import accounts, messages
 from sendkit import services as services_mod
 from sendkit.db import attempts
 from sendkit.db import messages as messages_table
@@ -56,7 +56,7 @@ def worker_env(database_url: str, sink: SmtpSink, tmp_path: Path) -> dict[str, s
 
 async def enqueue(services: Services, count: int) -> set[str]:
     tenant = await make_tenant(services)
-    account = await _plan(services, tenant.account_id)
+    account = await accounts.set_plan(services.db, tenant.account_id, daily=1_000_000)
     ids: set[str] = set()
     for start in range(0, count, 50):
         batch = [
@@ -75,12 +75,6 @@ async def enqueue(services: Services, count: int) -> set[str]:
         )
         ids.update(a.message_id for a in accepted)
     return ids
-
-
-async def _plan(services: Services, account_id: str) -> messages.Account:
-    from sendkit import accounts
-
-    return await accounts.set_plan(services.db, account_id, daily=1_000_000)
 
 
 def received_ids(sink: SmtpSink) -> collections.Counter[str]:
