@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from sendkit import accounts, apps, domains, keys
 from sendkit import services as services_mod
@@ -73,6 +74,14 @@ async def _migrate_url(url: str) -> None:
         await migrate(db)
     finally:
         await db.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Commands under test configure structlog; every test starts from the same setup."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,12 @@ class Account:
     daily_limit: int
     max_message_size: int
     expires_on: str | None
+    activated_at: int | None = None  # first activation; with `active` false: deactivated
+
+    @property
+    def deactivated(self) -> bool:
+        """Inactive after having been active: an operator turned it off."""
+        return not self.active and self.activated_at is not None
 
     @classmethod
     def from_row(cls, row: Any) -> Account:
@@ -43,6 +49,7 @@ class Account:
             daily_limit=row.daily_limit,
             max_message_size=row.max_message_size,
             expires_on=row.expires_on,
+            activated_at=getattr(row, "activated_at", None),
         )
 
 
@@ -62,7 +69,15 @@ def ensure_usable(account: Account, today: dt.date) -> None:
         raise SubscriptionExpired()
 
 
-async def create(db: Database, name: str, *, active: bool = False, is_demo: bool = False) -> str:
+async def create(
+    db: Database,
+    name: str,
+    *,
+    active: bool = False,
+    is_demo: bool = False,
+    is_system: bool = False,
+    daily_limit: int = 10_000,
+) -> str:
     if not name.strip():
         raise BadRequest("Bad request parameters: 'name' is required")
     account_id = new_id()
@@ -73,10 +88,12 @@ async def create(db: Database, name: str, *, active: bool = False, is_demo: bool
                 name=name.strip(),
                 active=active,
                 is_demo=is_demo,
+                is_system=is_system,
                 rate_per_second=5,
-                daily_limit=10_000,
+                daily_limit=daily_limit,
                 max_message_size=10 * 1024 * 1024,
                 created_at=now_ms(),
+                activated_at=now_ms() if active else None,
             )
         )
     return account_id
@@ -95,7 +112,11 @@ async def load(db: Database, account_id: str) -> Account:
 
 
 async def set_active(db: Database, account_id: str, active: bool = True) -> None:
-    await _update(db, account_id, active=active)
+    if not active:
+        await _update(db, account_id, active=False)
+        return
+    first = sa.func.coalesce(accounts.c.activated_at, now_ms())
+    await _update(db, account_id, active=True, activated_at=first)
 
 
 async def set_plan(
@@ -183,3 +204,43 @@ async def create_user(
             )
         )
     return user_id
+
+
+async def find_system(db: Database) -> str | None:
+    """The instance's own account (it sends activation and password-reset emails)."""
+    async with db.read() as conn:
+        return await conn.scalar(
+            sa.select(accounts.c.id)
+            .where(accounts.c.is_system.is_(True))
+            .order_by(accounts.c.created_at)
+            .limit(1)
+        )
+
+
+@dataclass(frozen=True)
+class AccountSummary:
+    """One line of the operator's account list."""
+
+    account: Account
+    is_demo: bool
+    is_system: bool
+    created_at: int
+    owners: tuple[str, ...]
+
+
+async def list_all(db: Database) -> list[AccountSummary]:
+    """Every account with its owners' emails, newest first (instance operators only)."""
+    async with db.read() as conn:
+        rows = (await conn.execute(accounts.select().order_by(accounts.c.created_at.desc()))).all()
+        owner_rows = await conn.execute(
+            sa.select(users.c.account_id, users.c.email).order_by(users.c.created_at)
+        )
+        owners: dict[str, list[str]] = {}
+        for account_id, email in owner_rows:
+            owners.setdefault(account_id, []).append(email)
+    return [
+        AccountSummary(
+            Account.from_row(r), r.is_demo, r.is_system, r.created_at, tuple(owners.get(r.id, ()))
+        )
+        for r in rows
+    ]

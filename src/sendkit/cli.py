@@ -57,6 +57,8 @@ def run(data_dir: Path | None, action: Callable[[Services], Awaitable[T]]) -> T:
     """Open the services, make sure the schema is current, run one action, close."""
     settings = settings_for(data_dir)
     logs.configure(json=settings.json_logs, level="WARNING")
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def go() -> T:
         services = services_mod.build(settings)
@@ -110,6 +112,35 @@ def worker(
     settings = settings_for(data_dir)
     logs.configure(json=settings.json_logs, level=settings.log_level)
     asyncio.run(run_standalone(settings, concurrency=concurrency))
+
+
+@app.command()
+def smtpd(
+    host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default 2525).")] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate chain for STARTTLS.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="PEM private key for STARTTLS.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """SMTP submission (AUTH with an API key) and the bounce/complaint receiver."""
+    from sendkit.smtpd.server import run as run_smtpd
+
+    overrides: dict[str, Any] = {}
+    for name, value in (
+        ("smtpd_host", host),
+        ("smtpd_port", port),
+        ("smtpd_tls_cert", tls_cert),
+        ("smtpd_tls_key", tls_key),
+    ):
+        if value is not None:
+            overrides[name] = value
+    settings = settings_for(data_dir, **overrides)
+    logs.configure(json=settings.json_logs, level=settings.log_level)
+    asyncio.run(run_smtpd(settings))
 
 
 @app.command()

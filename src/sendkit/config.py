@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         5.0,
         description="Seconds a write waits for a locked database before the API answers 503.",
     )
+    cache_seconds: float = Field(
+        2.0,
+        description="How long API keys and sender checks are cached; another process's "
+        "changes (revoked key, new plan, new sender) take effect within this time.",
+    )
     redis_url: str | None = Field(
         None, description="redis://host:port/db for shared rate limits and replay protection."
     )
@@ -121,6 +126,31 @@ class Settings(BaseSettings):
         None,
         description="'host' or 'host:port' of the DNS server that domain verification asks "
         "(tests point it at a local one). Default: the system's resolvers.",
+    )
+
+    # --- events, webhooks, SMTP server -----------------------------------------------------
+    webhook_allow_cidrs: str = Field(
+        "",
+        description="Comma-separated address ranges webhooks may reach although they are not "
+        "public (e.g. '127.0.0.0/8,::1/128' for tests). Default: public addresses only.",
+    )
+    webhook_timeout: float = Field(10, description="Seconds one webhook POST may take in all.")
+    webhook_retry_schedule: str | None = Field(
+        None,
+        description="Webhook retry delays in the retry_schedule format. Default: 5 s, 5 min, "
+        "30 min, 2 h, 5 h, 10 h, 10 h (8 attempts).",
+    )
+    webhook_concurrency: int = Field(10, description="Webhook POSTs in flight per worker.")
+    smtpd_host: str = Field("127.0.0.1", description="Address `sendkit smtpd` listens on.")
+    smtpd_port: int = Field(2525, description="Port `sendkit smtpd` listens on.")
+    smtpd_tls_cert: Path | None = Field(
+        None, description="PEM certificate chain for STARTTLS; with it, AUTH requires TLS."
+    )
+    smtpd_tls_key: Path | None = Field(None, description="PEM private key for STARTTLS.")
+    smtpd_max_message_size: int = Field(
+        25 * 1024 * 1024,
+        description="Largest message `sendkit smtpd` reads (bounces included); submissions "
+        "are further held to the account's plan.",
     )
 
     @model_validator(mode="after")

@@ -107,7 +107,8 @@ class ContactData(BaseModel):
             return value  # type: ignore[no-any-return]
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError("must be a decimal number such as 100.00")
-        text = value.strip() if isinstance(value, str) else str(value)
+        # A JSON number like 1e21 reads as a float; written out in full, not in exponent form.
+        text = value.strip() if isinstance(value, str) else _plain_number(value)
         try:
             Decimal(text)
         except InvalidOperation:
@@ -115,6 +116,12 @@ class ContactData(BaseModel):
         if not _AMOUNT.match(text):
             raise ValueError("must be a decimal number such as 100.00")
         return text
+
+
+def _plain_number(value: int | float) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return format(Decimal(repr(value)), "f")
+    return str(int(value)) if isinstance(value, float) else str(value)
 
 
 def parse_birthday(value: str) -> str:
@@ -243,6 +250,103 @@ async def delete(db: Database, account_id: str, key: ContactKey) -> None:
                 contacts.c.app_pk == app.pk,
                 contacts.c.email_lower == key.emailAddress.strip().lower(),
             )
+        )
+        if result.rowcount == 0:
+            raise NotFound("Bad request parameters: contact not found for 'emailAddress'")
+
+
+# --- the dashboard's views of an app's contacts -----------------------------------------
+
+
+class ContactSearch(BaseModel):
+    """Filters of the dashboard's contact table."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    q: str = Field(default="", max_length=320)  # part of the address or of the name
+    status: Status | None = None
+    page: int = Field(default=1, ge=1, le=10_000_000)
+    pageSize: int = Field(default=50, ge=1, le=MAX_PAGE_SIZE)
+
+
+def _escape_like(text: str) -> str:
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _search_where(app_pk: str, search: ContactSearch) -> list[Any]:
+    where: list[Any] = [contacts.c.app_pk == app_pk]
+    if search.status is not None:
+        where.append(contacts.c.status == search.status.value)
+    if search.q:
+        pattern = _escape_like(search.q.lower())
+        full_name = sa.func.lower(contacts.c.first_name + " " + contacts.c.last_name)
+        where.append(
+            sa.or_(
+                contacts.c.email_lower.like(pattern, escape="\\"),
+                full_name.like(pattern, escape="\\"),
+                sa.func.lower(contacts.c.last_name).like(pattern, escape="\\"),
+            )
+        )
+    return where
+
+
+async def search(
+    db: Database, account_id: str, app_id: str, search: ContactSearch
+) -> dict[str, Any]:
+    """A page of matching contacts in creation order, each with its `id`; `total` counts
+    the matches and `appTotal` the app's contacts."""
+    async with db.read() as conn:
+        app = await apps.resolve(conn, account_id, app_id)
+        where = _search_where(app.pk, search)
+        count = sa.select(sa.func.count()).select_from(contacts)
+        total = await conn.scalar(count.where(*where))
+        app_total = await conn.scalar(count.where(contacts.c.app_pk == app.pk))
+        rows = await conn.execute(
+            sa.select(contacts.c.id, contacts.c.updated_at, *_LIST_COLUMNS)
+            .where(*where)
+            .order_by(contacts.c.id)
+            .limit(search.pageSize)
+            .offset((search.page - 1) * search.pageSize)
+        )
+        items = [to_api(r) | {"id": r.id, "updatedAt": r.updated_at} for r in rows]
+    return {
+        "total": total or 0,
+        "appTotal": app_total or 0,
+        "page": search.page,
+        "pageSize": search.pageSize,
+        "list": items,
+    }
+
+
+async def get_by_id(db: Database, account_id: str, app_id: str, contact_id: int) -> dict[str, Any]:
+    """One contact of one of the account's apps; any other id answers NotFound."""
+    async with db.read() as conn:
+        app = await apps.resolve(conn, account_id, app_id)
+        row = (
+            await conn.execute(
+                sa.select(
+                    contacts.c.id, contacts.c.created_at, contacts.c.updated_at, *_LIST_COLUMNS
+                ).where(contacts.c.app_pk == app.pk, contacts.c.id == contact_id)
+            )
+        ).first()
+    if row is None:
+        raise NotFound("Contact not found")
+    return to_api(row) | {"id": row.id, "createdAt": row.created_at, "updatedAt": row.updated_at}
+
+
+async def set_status(
+    db: Database, account_id: str, app_id: str, email_address: str, status: Status
+) -> None:
+    """Unsubscribe or resubscribe a contact (the API sets status on create only)."""
+    async with db.begin() as conn:
+        app = await apps.resolve(conn, account_id, app_id)
+        result = await conn.execute(
+            contacts.update()
+            .where(
+                contacts.c.app_pk == app.pk,
+                contacts.c.email_lower == email_address.strip().lower(),
+            )
+            .values(status=status.value, updated_at=now_ms())
         )
         if result.rowcount == 0:
             raise NotFound("Bad request parameters: contact not found for 'emailAddress'")

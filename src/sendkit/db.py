@@ -70,6 +70,8 @@ accounts = sa.Table(
     # ISO date, inclusive last day of the subscription; NULL means it never expires.
     sa.Column("expires_on", sa.String(10), nullable=True),
     _created(),
+    # First activation; set and inactive means an operator deactivated it (0004_dashboard).
+    sa.Column("activated_at", sa.BigInteger, nullable=True),
 )
 
 users = sa.Table(

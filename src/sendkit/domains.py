@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from sendkit.accounts import new_id
 from sendkit.addresses import Mailbox, normalise_domain, parse_mailbox
 from sendkit.crypto import SecretBox
 from sendkit.db import Database, accounts, domains, now_ms, senders
-from sendkit.errors import BadRequest, InvalidDomain, NotFound, UnknownSender
+from sendkit.errors import BadRequest, InvalidDomain, NotFound, SendKitError, UnknownSender
 
 ANY_SENDER = "*"
 
@@ -140,12 +141,23 @@ async def check_sender(db: Database, account_id: str, sender: Mailbox) -> None:
         )
         .where(domains.c.account_id == account_id, domains.c.name == sender.ascii_domain)
     )
-    async with db.read() as conn:
-        rows = (await conn.execute(query)).all()
+    cache_key = ("sender", account_id, sender.ascii_domain, sender.lower)
+    verdict: type[SendKitError] | bool | None = db.cache.get(cache_key)
+    if verdict is None:
+        async with db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        verdict = _sender_verdict(rows)
+        db.cache.put(cache_key, verdict)
+    if verdict is not True and verdict is not False:
+        raise verdict()
+
+
+def _sender_verdict(rows: Sequence[Any]) -> type[SendKitError] | bool:
     if not rows or not rows[0].verified:
-        raise InvalidDomain()
+        return InvalidDomain
     if all(r.address is None for r in rows):
-        raise UnknownSender()
+        return UnknownSender
+    return True
 
 
 async def signing_key(
@@ -199,3 +211,61 @@ async def dns_records(
         {"type": "MX", "purpose": "Return-Path", "name": return_path, "value": f"10 {mail_host}"},
         {"type": "TXT", "purpose": "Return-Path SPF", "name": return_path, "value": spf},
     ]
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    id: str
+    name: str
+    verified: bool
+    created_at: int
+    senders: tuple[str, ...]  # full addresses, "*" for any address of the domain
+
+
+async def list_for_account(db: Database, account_id: str) -> list[DomainInfo]:
+    """The account's domains with their senders, by name."""
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(domains.c.id, domains.c.name, domains.c.verified, domains.c.created_at)
+                .where(domains.c.account_id == account_id)
+                .order_by(domains.c.name)
+            )
+        ).all()
+        sender_rows = await conn.execute(
+            sa.select(senders.c.domain_id, senders.c.address)
+            .where(senders.c.account_id == account_id)
+            .order_by(senders.c.address)
+        )
+        by_domain: dict[str, list[str]] = {}
+        for domain_id, address in sender_rows:
+            by_domain.setdefault(domain_id, []).append(address)
+    return [
+        DomainInfo(r.id, r.name, r.verified, r.created_at, tuple(by_domain.get(r.id, ())))
+        for r in rows
+    ]
+
+
+async def get(db: Database, account_id: str, name: str) -> DomainInfo:
+    """One domain of the account; another account's domain answers like a missing one."""
+    wanted = _domain_name(name)
+    for info in await list_for_account(db, account_id):
+        if info.name == wanted:
+            return info
+    raise NotFound("Domain not found")
+
+
+async def remove_sender(db: Database, account_id: str, domain_name: str, address: str) -> None:
+    """Unregister a sender (`*` for the any-address entry) of one of the account's domains."""
+    info = await get(db, account_id, domain_name)
+    stored = ANY_SENDER if address.strip() in (ANY_SENDER, f"*@{info.name}") else address
+    async with db.begin() as conn:
+        result = await conn.execute(
+            senders.delete().where(
+                senders.c.account_id == account_id,
+                senders.c.domain_id == info.id,
+                senders.c.address == stored.strip().lower(),
+            )
+        )
+        if result.rowcount == 0:
+            raise NotFound("Sender not found")

@@ -6,7 +6,9 @@
     ├── SubscriptionExpired           (100047, 403)
     ├── RateLimited                   (100025, 429)
     ├── BadRequest                    (100033, 400)
-    │   └── NotFound                  (100033, 404)
+    │   ├── NotFound                  (100033, 404)
+    │   ├── InvalidCredentials        (100033, 401)  dashboard login: wrong email or password
+    │   └── InvalidToken              (100033, 400)  activation or reset link bad or expired
     ├── MessageTooLarge               (100023, 413)
     ├── InvalidDomain                 (100030, 403)
     ├── UnknownSender                 (100048, 403)
@@ -68,6 +70,16 @@ class NotFound(BadRequest):
     """Not found"""
 
     status = 404
+
+
+class InvalidCredentials(BadRequest):
+    """Wrong email or password"""
+
+    status = 401
+
+
+class InvalidToken(BadRequest):
+    """This link is invalid or has expired"""
 
 
 class MessageTooLarge(SendKitError):

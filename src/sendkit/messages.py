@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import domains, suppressions
+from sendkit import apps, domains, events, suppressions
 from sendkit.accounts import Account, utc_today
 from sendkit.addresses import Mailbox, parse_mailbox
-from sendkit.db import Database, attempts, daily_usage, messages, now_ms
+from sendkit.contacts import AppId, Status
+from sendkit.db import Database, attempts, contacts, daily_usage, messages, now_ms
 from sendkit.errors import DailyLimitReached, MessageTooLarge
 from sendkit.validation import no_crlf
 
@@ -31,6 +32,8 @@ class SendRequest(BaseModel):
     to: str = Field(min_length=3, max_length=400)
     subject: str = Field(min_length=1, max_length=2000)
     body: str = Field(min_length=1)
+    # Optional: ties the message to an app's contact list (List-Unsubscribe, unsubscribes).
+    appId: AppId | None = None
 
     @field_validator("from_", "to")
     @classmethod
@@ -64,7 +67,9 @@ class Accepted:
 
 
 async def submit(db: Database, account: Account, request: SendRequest, request_id: str) -> Accepted:
-    """Checks 6 to 9 of the documented order, then commits the message as queued."""
+    """Checks 5 (appId) to 9 of the documented order, then commits the message as queued
+    (or as suppressed: recorded, never attempted) with its event, in one transaction."""
+    app_pk = await _app_pk(db, account.id, request.appId)
     if request.size() > account.max_message_size:
         raise MessageTooLarge()
     sender = request.sender
@@ -72,16 +77,20 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
     recipient = request.recipient
     message_id = secrets.token_hex(16)
     now = now_ms()
-    async with db.begin() as conn:
+
+    async def store(conn: AsyncConnection) -> str:
         await _count_against_daily_limit(conn, account)
-        # Accepted, but never attempted: the address bounced or complained before.
-        suppressed = await suppressions.is_suppressed(conn, account.id, recipient.lower)
+        # Accepted, but never attempted: the address bounced or complained before, or left
+        # the app's list.
+        reason = await _suppression_reason(conn, account.id, recipient.lower, app_pk)
+        suppressed = reason is not None
         status = "suppressed" if suppressed else "queued"
         await conn.execute(
             messages.insert().values(
                 id=message_id,
                 request_id=request_id,
                 account_id=account.id,
+                app_pk=app_pk,
                 from_header=request.from_,
                 from_addr=sender.lower,
                 to_header=request.to,
@@ -96,7 +105,44 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
                 updated_at=now,
             )
         )
+        data = {
+            "email": recipient.lower,
+            "from": sender.lower,
+            "subject": request.subject,
+            "requestId": request_id,
+            "appId": request.appId,
+        }
+        if reason is not None:
+            data["reason"] = reason
+        await events.record(conn, account.id, message_id, status, data)
+        return status
+
+    # Group commit: this request shares its transaction (and fsync) with its neighbours.
+    status = await db.write(store, savepoint=False)
     return Accepted(message_id, status)
+
+
+async def _app_pk(db: Database, account_id: str, app_id: str | None) -> str | None:
+    if app_id is None:
+        return None
+    async with db.read() as conn:
+        return (await apps.resolve(conn, account_id, app_id)).pk
+
+
+async def _suppression_reason(
+    conn: AsyncConnection, account_id: str, email: str, app_pk: str | None
+) -> str | None:
+    if await suppressions.is_suppressed(conn, account_id, email):
+        return "suppression list"
+    if app_pk is not None:
+        status = await conn.scalar(
+            sa.select(contacts.c.status).where(
+                contacts.c.app_pk == app_pk, contacts.c.email_lower == email
+            )
+        )
+        if status == Status.UNSUBSCRIBED.value:
+            return "unsubscribed"
+    return None
 
 
 async def _count_against_daily_limit(conn: AsyncConnection, account: Account) -> None:
@@ -154,4 +200,5 @@ async def find(db: Database, ident: str, *, account_id: str | None = None) -> di
             sa.select(attempts).where(attempts.c.message_id == row.id).order_by(attempts.c.id)
         )
         found["attempts_log"] = [dict(r._mapping) for r in rows]
+        found["events"] = await events.for_message(conn, row.id)
     return found

@@ -47,6 +47,7 @@ Try it:
 
 Delivery mode: {settings.delivery} (nothing leaves this machine in sandbox mode).
 Look a message up:  .venv/bin/sendkit messages show <X-Message-Id> --data-dir {settings.data_dir}
+Dashboard:          {base}/ (the dashboard login above)
 API docs:           {base}/docs
 """
 

@@ -9,6 +9,7 @@ from sendkit.config import Settings
 from sendkit.crypto import SecretBox
 from sendkit.db import Database
 from sendkit.keys import MemoryReplayGuard, RedisReplayGuard, ReplayGuard
+from sendkit.metrics import Metrics
 from sendkit.ratelimit import RateLimiter
 
 
@@ -21,6 +22,8 @@ class Services:
     replay_guard: ReplayGuard
     redis: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # One registry per Services: tests build many in one process without collisions.
+    metrics: Metrics = field(default_factory=Metrics)
 
     def notify_queued(self) -> None:
         """Wake an in-process worker at once instead of at its next poll."""
@@ -30,6 +33,7 @@ class Services:
 
     async def close(self) -> None:
         await self.db.dispose()
+        await self.limiter.close()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -44,7 +48,11 @@ def build(settings: Settings) -> Services:
         guard = RedisReplayGuard(redis_client)
     return Services(
         settings=settings,
-        db=Database(settings.db_url, lock_timeout=settings.db_lock_timeout),
+        db=Database(
+            settings.db_url,
+            lock_timeout=settings.db_lock_timeout,
+            cache_seconds=settings.cache_seconds,
+        ),
         box=SecretBox(settings.resolved_secret_key()),
         limiter=RateLimiter(settings.redis_url),
         replay_guard=guard,

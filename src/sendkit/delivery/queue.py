@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import suppressions
+from sendkit import events, suppressions
 from sendkit.db import Database, attempts, messages, now_ms
 
 DUE_STATUSES = ("queued", "deferred", "sending")
@@ -93,20 +93,21 @@ async def claim(db: Database, limit: int, lease_ms: int) -> list[Claimed]:
         )
         .returning(*_CLAIM_COLUMNS)
     )
-    # SQLite serialises claimers through BEGIN IMMEDIATE: one writer at a time.
-    async with db.begin() as conn:
-        rows = (await conn.execute(query)).all()
-    return [Claimed(**row._mapping) for row in rows]
+
+    async def take(conn: AsyncConnection) -> list[Claimed]:
+        return [Claimed(**row._mapping) for row in await conn.execute(query)]
+
+    # SQLite serialises claimers through its single writer; PostgreSQL skips locked rows.
+    return await db.write(take)
 
 
 async def finish(db: Database, outcomes: Sequence[Outcome]) -> list[str]:
     """Record outcomes in one transaction; returns the ids whose lease was still ours."""
-    recorded: list[str] = []
-    async with db.begin() as conn:
-        for outcome in outcomes:
-            if await _record(conn, outcome):
-                recorded.append(outcome.message_id)
-    return recorded
+
+    async def record_all(conn: AsyncConnection) -> list[str]:
+        return [o.message_id for o in outcomes if await _record(conn, o)]
+
+    return await db.write(record_all)
 
 
 async def _record(conn: AsyncConnection, outcome: Outcome) -> bool:
@@ -142,6 +143,20 @@ async def _record(conn: AsyncConnection, outcome: Outcome) -> bool:
         )
     if outcome.status == "bounced":
         await suppressions.add(conn, row.account_id, row.to_addr, "hard_bounce")
+    # The event (and its webhooks) commit with the outcome, or not at all.
+    await events.record(
+        conn,
+        row.account_id,
+        outcome.message_id,
+        outcome.status,
+        {
+            "email": row.to_addr,
+            "code": outcome.code,
+            "text": outcome.text[:500],
+            "host": outcome.host,
+            "nextAttemptAt": outcome.next_attempt_at,
+        },
+    )
     return True
 
 
@@ -150,7 +165,8 @@ async def release(db: Database, claimed: Sequence[Claimed]) -> None:
     if not claimed:
         return
     now = now_ms()
-    async with db.begin() as conn:
+
+    async def give_back(conn: AsyncConnection) -> None:
         for item in claimed:
             await conn.execute(
                 messages.update()
@@ -163,6 +179,8 @@ async def release(db: Database, claimed: Sequence[Claimed]) -> None:
                     updated_at=now,
                 )
             )
+
+    await db.write(give_back)
 
 
 async def counts_by_status(db: Database) -> dict[str, int]:

@@ -11,20 +11,31 @@ from sendkit.config import Settings
 from sendkit.delivery.worker import Worker, make_transport
 from sendkit.migrate import migrate
 from sendkit.services import Services
+from sendkit.webhooks import WebhookWorker
 
 log = logs.get("sendkit.worker")
 
 
 class RunningWorkers:
-    def __init__(self, worker: Worker, task: asyncio.Task[None], stop_event: asyncio.Event):
+    def __init__(
+        self,
+        worker: Worker,
+        task: asyncio.Task[None],
+        stop_event: asyncio.Event,
+        webhooks: tuple[WebhookWorker, asyncio.Task[None]] | None = None,
+    ):
         self.worker = worker
         self.task = task
         self.stop_event = stop_event
+        self.webhooks = webhooks
 
     async def stop(self) -> None:
         self.stop_event.set()
-        await asyncio.gather(self.task, return_exceptions=True)
+        tasks = [self.task] + ([self.webhooks[1]] if self.webhooks else [])
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.worker.transport.close()
+        if self.webhooks is not None:
+            await self.webhooks[0].close()
 
 
 def start_workers(services: Services, *, concurrency: int | None = None) -> RunningWorkers:
@@ -34,7 +45,11 @@ def start_workers(services: Services, *, concurrency: int | None = None) -> Runn
     services.extras["worker"] = worker
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop), name="sendkit-worker")
-    return RunningWorkers(worker, task, stop)
+    # Webhooks go out from the same processes as mail: wherever workers run, both run.
+    hooks = WebhookWorker(services)
+    services.extras["webhook_worker"] = hooks
+    hooks_task = asyncio.create_task(hooks.run(stop), name="sendkit-webhooks")
+    return RunningWorkers(worker, task, stop, (hooks, hooks_task))
 
 
 async def run_standalone(settings: Settings, *, concurrency: int | None = None) -> None:

@@ -15,9 +15,10 @@ import random
 import time
 from dataclasses import dataclass
 
-from sendkit import dkim, domains, logs, mime, suppressions
+from sendkit import dkim, domains, logs, mime, suppressions, unsubscribe
 from sendkit.addresses import normalise_domain
 from sendkit.config import Settings
+from sendkit.contacts import Status
 from sendkit.db import Database, now_ms
 from sendkit.delivery import queue
 from sendkit.delivery.queue import Claimed, Outcome
@@ -160,6 +161,7 @@ class Worker:
         except Exception:
             log.exception("delivery_step_failed", message_id=message.id)
             return  # the lease runs out and the message is tried again
+        self.observe(message, outcome)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._pending.put(_Pending(outcome, done))
         await done
@@ -168,8 +170,11 @@ class Worker:
         started = now_ms()
         if await self.check_suppression(message):
             return _no_attempt(message, "suppressed", "recipient is on the suppression list")
+        listing = await self.list_membership(message)
+        if listing is not None and listing.status == Status.UNSUBSCRIBED.value:
+            return _no_attempt(message, "suppressed", "recipient unsubscribed from this list")
         try:
-            data = self.build(message)
+            data = self.build(message, self.list_headers(message, listing))
         except ValueError as exc:
             return _no_attempt(message, "failed", f"message could not be built: {exc}")
         signed = await self.sign(message, data)
@@ -182,7 +187,28 @@ class Worker:
         async with self.services.db.read() as conn:
             return await suppressions.is_suppressed(conn, message.account_id, message.to_addr)
 
-    def build(self, message: Claimed) -> bytes:
+    async def list_membership(self, message: Claimed) -> unsubscribe.Membership | None:
+        """The recipient's contact when the message belongs to an app (sent with appId)."""
+        if message.app_pk is None:
+            return None
+        return await unsubscribe.membership(self.services.db, message.app_pk, message.to_addr)
+
+    def list_headers(
+        self, message: Claimed, listing: unsubscribe.Membership | None
+    ) -> tuple[tuple[str, str], ...]:
+        """List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for a contact of an app."""
+        if listing is None or message.app_pk is None:
+            return ()
+        return unsubscribe.headers(
+            self.services.settings,
+            self.services.box,
+            account_id=message.account_id,
+            app_pk=message.app_pk,
+            contact_id=listing.contact_id,
+            from_domain=_domain_of(message.from_addr),
+        )
+
+    def build(self, message: Claimed, extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
         return mime.build(
             mime.OutgoingMessage(
                 message_id=message.id,
@@ -191,6 +217,7 @@ class Worker:
                 subject=message.subject,
                 body=message.body,
                 created_at=dt.datetime.fromtimestamp(message.created_at / 1000, dt.UTC),
+                extra_headers=extra_headers,
             )
         )
 
@@ -239,6 +266,13 @@ class Worker:
         now = dt.datetime.now(dt.UTC)
         when = next_attempt_at(self.policy, message.attempts + 1, first, now, self._rng)
         return None if when is None else int(when.timestamp() * 1000)
+
+    def observe(self, message: Claimed, outcome: Outcome) -> None:
+        """Metrics: outcomes, the time from acceptance to a final outcome, attempt time."""
+        final = outcome.status != "deferred"
+        latency = (now_ms() - message.created_at) / 1000 if final else None
+        attempt = outcome.duration_ms / 1000 if outcome.attempted else None
+        self.services.metrics.observe_delivery(outcome.status, latency_s=latency, attempt_s=attempt)
 
     def log_event(self, message: Claimed, outcome: Outcome, result: DeliveryResult) -> None:
         log.info(

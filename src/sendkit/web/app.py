@@ -9,13 +9,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from sendkit import __version__, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.errors import BadRequest, MethodNotAllowed, RouteNotFound, SendKitError
 from sendkit.services import Services
-from sendkit.web import api, envelope
+from sendkit.web import api, dashboard, deliverability, envelope, ops, unsubscribe
 from sendkit.web.middleware import RequestContext
 
 log = logs.get("sendkit.web")
@@ -51,10 +52,16 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     if services is not None:
         app.state.services = services
     app.include_router(api.router)
+    app.include_router(deliverability.router)
+    app.include_router(unsubscribe.router)
+    app.include_router(ops.router)
     app.add_exception_handler(SendKitError, _sendkit_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    dashboard.install(app)  # pages under /, after the API's handlers (it wraps the 404 one)
     app.add_middleware(RequestContext)
+    # Outermost, so it also counts the 500s that RequestContext answers.
+    app.add_middleware(ops.MetricsMiddleware)
     return app
 
 
@@ -77,9 +84,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     else:
         err = BadRequest(f"Bad request parameters: {exc.detail}")
         err.status = exc.status_code
-    return envelope.error(
-        _request_id(request), err.status, err.code, err.message, dict(exc.headers or {})
-    )
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+    return envelope.error(_request_id(request), err.status, err.code, err.message, headers)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """Starlette names only the first matching route's methods; RFC 9110 wants them all.
+    Routers may be nested, so ask the top-level routes once per method."""
+    allowed: set[str] = set()
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        if any(r.matches(scope)[0] == Match.FULL for r in request.app.router.routes):
+            allowed.add(method)
+    return allowed
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

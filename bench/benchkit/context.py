@@ -1,0 +1,67 @@
+"""What every benchmark gets: the sizes for this mode, where to work, the shared sink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench"
+SEND_LUA = BENCH / "send.lua"
+
+
+@dataclass(frozen=True)
+class Params:
+    e2e_messages: int
+    intake_seconds: int
+    contacts: int
+    page_requests: int
+    memory_messages: int
+    memory_seconds: int
+    memory_enqueue_seconds: int = 600  # 0: no bound
+    body_bytes: int = 1024
+    page_size: int = 500
+    warmup_seconds: int = 1
+
+    @classmethod
+    def full(cls) -> Params:
+        return cls(
+            e2e_messages=20_000,
+            intake_seconds=10,
+            contacts=1_000_000,
+            page_requests=200,
+            memory_messages=1_000_000,
+            memory_seconds=30,
+        )
+
+    @classmethod
+    def quick(cls) -> Params:
+        return cls(
+            e2e_messages=500,
+            intake_seconds=3,
+            contacts=20_000,
+            page_requests=30,
+            memory_messages=10_000,
+            memory_seconds=5,
+            memory_enqueue_seconds=5,
+        )
+
+
+@dataclass
+class Context:
+    quick: bool
+    params: Params
+    work: Path  # temporary: data directories, Postfix, logs
+    sink_port: int
+    profile_dir: Path | None = None
+
+    @property
+    def body(self) -> str:
+        return "x" * self.params.body_bytes
+
+    def wrk_env(self, token: str, total: int = 0) -> dict[str, str]:
+        return {
+            "SENDKIT_BENCH_TOKEN": token,
+            "SENDKIT_BENCH_TOTAL": str(total),
+            "SENDKIT_BENCH_BODY": str(self.params.body_bytes),
+        }

@@ -1,0 +1,117 @@
+"""Benchmark 1: N documented sends over HTTP until every one is `delivered`, against
+Postfix taking the same N messages over SMTP until its queue is empty."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from benchkit import tools
+from benchkit.context import SEND_LUA, Context
+from benchkit.postfix_side import PostfixRun
+from benchkit.profiling import profiled
+from benchkit.report import Figure, Target
+from benchkit.sendkit_side import Server
+
+TARGET = Target("ratio", ">=", 2.0)
+_PENDING = ("queued", "sending", "deferred")
+_ENOUGH = 0.98  # of the requested messages accepted: the sending is over
+
+
+@dataclass
+class SendKitRun:
+    messages: int
+    accepted: int
+    delivered: int
+    seconds: float
+    intake_seconds: float | None
+    wrk: tools.WrkResult
+
+    @property
+    def per_second(self) -> float:
+        return self.delivered / self.seconds
+
+
+@dataclass
+class _Progress:
+    counts: dict[str, int]
+    seconds: float
+    intake_seconds: float | None
+
+
+def run_sendkit(ctx: Context, server: Server) -> SendKitRun:
+    total = ctx.params.e2e_messages
+    with profiled(ctx.profile_dir, server.proc.pid, f"e2e-{server.deployment.database}"):
+        started = time.perf_counter()
+        # The lua script stops each thread after its share; -d is only an upper bound.
+        wrk = tools.BackgroundWrk(
+            f"{server.base_url}/v1/send",
+            SEND_LUA,
+            seconds=120 + total / 10,
+            env=ctx.wrk_env(server.demo.api_key, total),
+            output=ctx.work / f"wrk-e2e-{server.deployment.database}.txt",
+        )
+        try:
+            progress = _wait_until_delivered(server, total, started, timeout=120 + total / 10)
+        finally:
+            report = wrk.finish()
+    counts = progress.counts
+    return SendKitRun(
+        total,
+        sum(counts.values()),
+        counts.get("delivered", 0),
+        progress.seconds,
+        progress.intake_seconds,
+        report,
+    )
+
+
+def _wait_until_delivered(server: Server, total: int, started: float, timeout: float) -> _Progress:
+    """Poll the status counts until (about) `total` messages are in and none is left to
+    deliver for a second; the end is when the last one was delivered. wrk's lua stop is
+    not exact: a thread may send a request or two more or fewer than its share."""
+    done_since: float | None = None
+    intake: float | None = None
+    while True:
+        counts = server.admin.counts()
+        now = time.perf_counter()
+        accepted = sum(counts.values())
+        if intake is None and accepted >= total:
+            intake = now - started
+        pending = sum(counts.get(s, 0) for s in _PENDING)
+        if pending or accepted < total * _ENOUGH:
+            done_since = None
+        elif done_since is None:
+            done_since = now
+        elif now - done_since >= 1.0:
+            return _Progress(counts, done_since - started, intake)
+        if now - started > timeout:
+            raise TimeoutError(f"not delivered after {timeout:.0f} s: {counts}")
+        time.sleep(0.1)  # a count costs the server little at this rate
+
+
+def figure(run: SendKitRun, peer: PostfixRun | None, database: str) -> Figure:
+    notes = []
+    if run.delivered < run.accepted or run.accepted < run.messages * _ENOUGH:
+        notes.append(f"{run.accepted} accepted, {run.delivered} delivered of {run.messages}")
+    if tools.problems(run.wrk):
+        notes.append(str(tools.problems(run.wrk)))
+    return Figure(
+        key=f"e2e_{database}",
+        title=f"end to end, {'SQLite' if database == 'sqlite' else 'PostgreSQL'}",
+        unit="msg/s",
+        sendkit=run.per_second,
+        peer=peer.per_second if peer else None,
+        peer_name="Postfix" if peer else None,
+        target=TARGET,
+        details={
+            "messages": run.messages,
+            "accepted": run.accepted,
+            "delivered": run.delivered,
+            "seconds": round(run.seconds, 3),
+            "intake_seconds": None if run.intake_seconds is None else round(run.intake_seconds, 3),
+            "postfix_seconds": round(peer.seconds, 3) if peer else None,
+            "postfix_delivered": peer.delivered if peer else None,
+        },
+        note="; ".join(notes) or None,
+    )

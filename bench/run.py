@@ -1,0 +1,304 @@
+"""Every SendKit benchmark against its peer, one table, bench/results/latest.json.
+
+    make bench              # full sizes (takes a while)
+    make bench QUICK=1      # CI sizes
+
+Options: --quick, --output PATH, --work-dir DIR (kept afterwards: logs, databases),
+--profile DIR (py-spy on `sendkit serve` during the intake and end-to-end phases),
+--only NAME,... (e2e, intake, contacts, dkim, memory), --param NAME=N (a size from
+benchkit/context.py). See bench/README.md.
+
+Order: Postfix alone first; then every server starts at once (SQLite and PostgreSQL
+`sendkit serve`, the bare app) while the memory benchmark's queue is filled, since none of
+that is measured; then each measurement runs alone, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from benchkit import contacts, dkim, e2e, intake, machine, memory, tools
+from benchkit.context import BENCH, REPO, Context, Params
+from benchkit.postfix_side import POSTFIX_SETTINGS, PostfixRun, run_postfix
+from benchkit.report import Figure, not_available, table, write_json
+from benchkit.sendkit_side import Deployment, Server, launched_server, postgres_database
+
+BENCHES = ("e2e", "intake", "contacts", "dkim", "memory")
+T = TypeVar("T")
+
+
+class Run:
+    """Collects figures and phase timings; a failing phase becomes n/a, the run goes on."""
+
+    def __init__(self, ctx: Context, only: set[str]) -> None:
+        self.ctx = ctx
+        self.only = only
+        self.figures: list[Figure] = []
+        self.phases: dict[str, float] = {}
+        self.errors: list[str] = []
+
+    def wants(self, *names: str) -> bool:
+        return any(name in self.only for name in names)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        print(f"--- {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.perf_counter() - started, 2)
+
+    def attempt(self, name: str, action: Callable[[], T], *fallback: Figure) -> T | None:
+        """`action()`; on an error, record it and add the `fallback` figures instead."""
+        try:
+            with self.phase(name):
+                return action()
+        except Exception as exc:
+            traceback.print_exc()
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self.errors.append(f"{name}: {reason}")
+            for figure in fallback:
+                figure.note = f"n/a: {name} failed: {reason}"
+            self.figures.extend(fallback)
+            return None
+
+
+@dataclasses.dataclass
+class Stage:
+    """What the measurements use, started together."""
+
+    sqlite: Server | None = None
+    postgres: Server | None = None
+    bare: intake.BareApp | None = None
+    memory: memory.Prepared | None = None
+
+
+def _e2e_fallback(database: str) -> Figure:
+    title = f"end to end, {'SQLite' if database == 'sqlite' else 'PostgreSQL'}"
+    return not_available(f"e2e_{database}", title, "msg/s", "failed")
+
+
+def _sqlite_fallbacks(run: Run) -> list[Figure]:
+    found = [_e2e_fallback("sqlite")] if run.wants("e2e") else []
+    found += intake.unavailable() if run.wants("intake") else []
+    return found + (contacts.unavailable("failed") if run.wants("contacts") else [])
+
+
+def _launch_postgres(ctx: Context, stack: contextlib.ExitStack) -> Server:
+    url = stack.enter_context(postgres_database())
+    deployment = Deployment("postgresql", ctx.work / "postgresql", ctx.sink_port, url)
+    return stack.enter_context(launched_server(deployment, ctx.work))
+
+
+def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
+    ctx, stage = run.ctx, Stage()
+    if run.wants("intake"):
+        stage.bare = run.attempt(
+            "start bare app",
+            lambda: stack.enter_context(intake.bare_app(ctx)),
+            *intake.unavailable(),
+        )
+    if run.wants("e2e", "intake", "contacts"):
+        deployment = Deployment("sqlite", ctx.work / "sqlite", ctx.sink_port)
+        stage.sqlite = run.attempt(
+            "start sqlite server",
+            lambda: stack.enter_context(launched_server(deployment, ctx.work)),
+            *_sqlite_fallbacks(run),
+        )
+    if run.wants("e2e"):
+        stage.postgres = run.attempt(
+            "start postgresql server",
+            lambda: _launch_postgres(ctx, stack),
+            _e2e_fallback("postgresql"),
+        )
+    if run.wants("memory"):
+        fallback = not_available("memory_peak_rss", "peak RSS", "MB", "failed")
+        stage.memory = run.attempt(
+            "memory enqueue", lambda: stack.enter_context(memory.prepared(ctx)), fallback
+        )
+    if stage.sqlite is not None:
+        server = stage.sqlite
+        stage.sqlite = run.attempt("wait sqlite server", server.wait_ready, *_sqlite_fallbacks(run))
+    if stage.postgres is not None:
+        server = stage.postgres
+        fallback = _e2e_fallback("postgresql")
+        stage.postgres = run.attempt("wait postgresql server", server.wait_ready, fallback)
+    return stage
+
+
+def _sqlite_phases(
+    run: Run, server: Server, bare: intake.BareApp | None, postfix: PostfixRun | None
+) -> None:
+    """End to end, intake and contacts share one SQLite `sendkit serve`."""
+    ctx = run.ctx
+    if run.wants("e2e"):
+        result = run.attempt(
+            "e2e sendkit sqlite", lambda: e2e.run_sendkit(ctx, server), _e2e_fallback("sqlite")
+        )
+        if result is not None:
+            run.figures.append(e2e.figure(result, postfix, "sqlite"))
+    if run.wants("intake") and bare is not None:
+        app = bare
+        results = run.attempt("intake", lambda: intake.run(ctx, server, app), *intake.unavailable())
+        if results is not None:
+            run.figures.extend(intake.figures(*results))
+    if run.wants("contacts"):
+        found = run.attempt(
+            "contacts", lambda: contacts.run(ctx, server), *contacts.unavailable("failed")
+        )
+        run.figures.extend(found or [])
+
+
+def _postgres_phase(run: Run, server: Server, postfix: PostfixRun | None) -> None:
+    result = run.attempt(
+        "e2e sendkit postgresql",
+        lambda: e2e.run_sendkit(run.ctx, server),
+        _e2e_fallback("postgresql"),
+    )
+    if result is not None:
+        run.figures.append(e2e.figure(result, postfix, "postgresql"))
+
+
+def _dkim_phase(run: Run) -> None:
+    fallback = not_available("dkim", "DKIM signing, one core", "sig/s", "failed")
+    figure = run.attempt("dkim", lambda: dkim.run(run.ctx), fallback)
+    run.figures.extend([figure] if figure else [])
+
+
+def _memory_phase(run: Run, stack: contextlib.ExitStack, prep: memory.Prepared) -> None:
+    """The memory server boots while DKIM runs (see memory.launched)."""
+    fallback = not_available("memory_peak_rss", "peak RSS", "MB", "failed")
+    serving = run.attempt(
+        "start memory server", lambda: stack.enter_context(memory.launched(run.ctx, prep)), fallback
+    )
+    if run.wants("dkim"):
+        _dkim_phase(run)
+    if serving is not None:
+        port, proc = serving
+        figure = run.attempt("memory", lambda: memory.measure(run.ctx, prep, port, proc), fallback)
+        run.figures.extend([figure] if figure else [])
+        proc.stop()
+
+
+def _benchmarks(run: Run) -> None:
+    ctx = run.ctx
+    postfix: PostfixRun | None = None
+    if run.wants("e2e"):
+        postfix = run.attempt(
+            "e2e postfix",
+            lambda: run_postfix(
+                ctx.work, ctx.sink_port, ctx.params.e2e_messages, ctx.params.body_bytes
+            ),
+        )
+    with contextlib.ExitStack() as stack:
+        stage = _start(run, stack)
+        if stage.sqlite is not None:
+            _sqlite_phases(run, stage.sqlite, stage.bare, postfix)
+            stage.sqlite.proc.stop()  # idle servers stay out of the next measurements
+        if stage.postgres is not None:
+            _postgres_phase(run, stage.postgres, postfix)
+            stage.postgres.proc.stop()
+        if stage.memory is not None:
+            _memory_phase(run, stack, stage.memory)
+        elif run.wants("dkim"):
+            _dkim_phase(run)
+
+
+def _install() -> None:
+    tools.ensure_wrk()
+    tools.ensure_postfix(REPO)  # smtp-sink: the relay target of every SendKit server
+
+
+def _document(run: Run, facts: dict[str, Any], seconds: float) -> dict[str, Any]:
+    params = dataclasses.asdict(run.ctx.params)
+    return {
+        "mode": "quick" if run.ctx.quick else "full",
+        "machine": facts,
+        "parameters": {**params, "postfix_settings": POSTFIX_SETTINGS, "wrk": "-t2 -c64"},
+        "figures": {f.key: f.to_json() for f in run.figures},
+        "order": [f.key for f in run.figures],
+        "phases_seconds": run.phases,
+        "errors": run.errors,
+        "total_seconds": round(seconds, 1),
+    }
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI sizes")
+    parser.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json")
+    parser.add_argument("--work-dir", type=Path, help="work here and keep it afterwards")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy output directory")
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="override a size, e.g. --param memory_messages=100000 (see benchkit/context.py)",
+    )
+    return parser.parse_args()
+
+
+def _params(args: argparse.Namespace) -> Params:
+    params = Params.quick() if args.quick else Params.full()
+    overrides = dict(item.split("=", 1) for item in args.param)
+    return dataclasses.replace(params, **{k: int(v) for k, v in overrides.items()})
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every finally: servers stop
+
+
+@contextlib.contextmanager
+def _work_dir(keep: Path | None) -> Iterator[Path]:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep.resolve()
+        return
+    path = Path(tempfile.mkdtemp(prefix="sendkit-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    args = _parse_args()
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.perf_counter()
+    _install()
+    from sendkit.testing.postfix import PostfixSmtpSink
+
+    with _work_dir(args.work_dir) as work, PostfixSmtpSink(backlog=1024) as sink:
+        ctx = Context(args.quick, _params(args), work, sink.port, args.profile)
+        run = Run(ctx, only)
+        _benchmarks(run)
+    facts = machine.facts()
+    seconds = time.perf_counter() - started
+    document = _document(run, facts, seconds)
+    write_json(args.output, document)
+    print()
+    print(" ".join(f"{k}={v}" for k, v in facts.items()))
+    print(table(run.figures))
+    print(f"\n{document['mode']} run: {seconds:.1f} s; results in {args.output}")
+    for error in run.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if run.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

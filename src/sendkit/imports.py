@@ -1,0 +1,497 @@
+"""Contacts in and out as CSV: imports run as background jobs, exports stream.
+
+An import never holds the request that uploaded it: the file is kept in the data directory,
+a row in `import_jobs` records the progress, and a task works through the file in batches
+of `BATCH` rows, one transaction each. Every row goes through the API's own rules
+(`contacts.SaveContact`): an unknown address is created with the row's status (default
+Confirmed); a known one merges the row's non-empty fields, as `POST /v1/contact` merges
+`data` (status counts on create only). Empty cells never erase what is stored.
+
+Columns are the API's names (`emailAddress`, `status`, `firstName`, ...), in any order and
+case; `email` is accepted for `emailAddress`. An export writes exactly those columns, so
+an exported file imports back unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from sendkit import apps, logs
+from sendkit.contacts import _EMPTY, DATA_FIELDS, SaveContact, Status, _data_values
+from sendkit.db import Database, contacts, import_jobs, now_ms
+from sendkit.db import apps as apps_table
+from sendkit.errors import BadRequest, NotFound
+from sendkit.validation import describe
+
+log = logs.get("sendkit.imports")
+
+BATCH = 1000
+EXPORT_COLUMNS = ["emailAddress", "status", *DATA_FIELDS]
+_KEPT_ERRORS = 20
+_STALE_MS = 120_000  # a running job that has not moved for this long was interrupted
+_ALIASES = {
+    "email": "emailAddress",
+    "e-mail": "emailAddress",
+    "emailaddress": "emailAddress",
+    "email_address": "emailAddress",
+    "phone": "phoneNumber",
+    "first_name": "firstName",
+    "last_name": "lastName",
+    "phone_number": "phoneNumber",
+    "vip_level": "vipLevel",
+} | {name.lower(): name for name in EXPORT_COLUMNS}
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    app_pk: str
+    status: str  # queued | running | done | failed
+    filename: str
+    total_rows: int
+    processed_rows: int
+    created_rows: int
+    updated_rows: int
+    error_rows: int
+    errors: list[str]
+    created_at: int
+    updated_at: int
+
+    @property
+    def percent(self) -> int:
+        if self.status == "done":
+            return 100
+        if self.total_rows <= 0:
+            return 0
+        return min(100, self.processed_rows * 100 // self.total_rows)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        return cls(
+            id=row.id,
+            app_pk=row.app_pk,
+            status=row.status,
+            filename=row.filename,
+            total_rows=row.total_rows,
+            processed_rows=row.processed_rows,
+            created_rows=row.created_rows,
+            updated_rows=row.updated_rows,
+            error_rows=row.error_rows,
+            errors=[e for e in row.errors.split("\n") if e],
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+def upload_path(data_dir: Path) -> Path:
+    """A new private file for an uploaded CSV, inside the data directory."""
+    folder = data_dir / "imports"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder / f"{secrets.token_hex(16)}.csv"
+
+
+async def create_job(db: Database, account_id: str, app_id: str, filename: str, path: Path) -> Job:
+    now = now_ms()
+    job_id = secrets.token_hex(16)
+    async with db.begin() as conn:
+        app = await apps.resolve(conn, account_id, app_id)
+        await conn.execute(
+            import_jobs.insert().values(
+                id=job_id,
+                account_id=account_id,
+                app_pk=app.pk,
+                status="queued",
+                filename=filename[:300],
+                path=str(path),
+                total_rows=0,
+                processed_rows=0,
+                created_rows=0,
+                updated_rows=0,
+                error_rows=0,
+                errors="",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return await get_job(db, account_id, job_id)
+
+
+async def get_job(db: Database, account_id: str, job_id: str) -> Job:
+    """One of the account's jobs; another account's id answers NotFound."""
+    await _expire_stale(db)
+    async with db.read() as conn:
+        row = (
+            await conn.execute(
+                import_jobs.select().where(
+                    import_jobs.c.id == job_id, import_jobs.c.account_id == account_id
+                )
+            )
+        ).first()
+    if row is None:
+        raise NotFound("Import not found")
+    return Job.from_row(row)
+
+
+async def list_jobs(db: Database, account_id: str, app_id: str, limit: int = 10) -> list[Job]:
+    await _expire_stale(db)
+    async with db.read() as conn:
+        app = await apps.resolve(conn, account_id, app_id)
+        rows = await conn.execute(
+            import_jobs.select()
+            .where(import_jobs.c.account_id == account_id, import_jobs.c.app_pk == app.pk)
+            .order_by(import_jobs.c.created_at.desc())
+            .limit(limit)
+        )
+        return [Job.from_row(r) for r in rows]
+
+
+async def _expire_stale(db: Database) -> None:
+    """A job whose process stopped (restart, crash) would show 'running' forever.
+    Looked for with a read first: pages that poll a job must not take the write lock."""
+    stale = (
+        import_jobs.c.status.in_(("queued", "running")),
+        import_jobs.c.updated_at < now_ms() - _STALE_MS,
+    )
+    async with db.read() as conn:
+        found = await conn.scalar(sa.select(import_jobs.c.id).where(*stale).limit(1))
+    if found is None:
+        return
+    async with db.begin() as conn:
+        await conn.execute(
+            import_jobs.update()
+            .where(*stale)
+            .values(status="failed", errors="The import was interrupted: upload the file again.")
+        )
+
+
+# --- reading the file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    email: str
+    status: str
+    values: dict[str, Any]  # columns to set: every one on create, the given ones on update
+
+
+class _Reader:
+    """Batches of validated rows from a CSV file (blocking: run it in a thread)."""
+
+    def __init__(self, stream: IO[str], app_id: str, default_status: Status) -> None:
+        self.stream = stream
+        sample = stream.readline()
+        delimiter = ";" if sample.count(";") > sample.count(",") else ","
+        stream.seek(0)
+        self._reader = csv.reader(stream, delimiter=delimiter)
+        self._columns = self._header(next(self._reader, []))
+        self._app_id = app_id
+        self._default_status = default_status.value
+        self._line = 1
+
+    @classmethod
+    def open(cls, path: Path, app_id: str, default_status: Status) -> _Reader:
+        stream = path.open(newline="", encoding="utf-8-sig")
+        try:
+            return cls(stream, app_id, default_status)
+        except BaseException:
+            stream.close()
+            raise
+
+    @staticmethod
+    def _header(names: list[str]) -> list[str | None]:
+        columns = [_ALIASES.get(n.strip().lower().replace(" ", "")) for n in names]
+        if "emailAddress" not in columns:
+            raise BadRequest("The CSV file needs an 'emailAddress' (or 'email') column")
+        return columns
+
+    def batch(self) -> tuple[list[_Row], list[str]]:
+        rows: list[_Row] = []
+        errors: list[str] = []
+        for cells in self._reader:
+            self._line += 1
+            if not any(c.strip() for c in cells):
+                continue
+            try:
+                rows.append(self._row(cells))
+            except ValidationError as exc:
+                errors.append(f"row {self._line}: {describe(exc).removeprefix('Bad request ')}")
+            if len(rows) + len(errors) >= BATCH:
+                break
+        return rows, errors
+
+    def _row(self, cells: list[str]) -> _Row:
+        given = {
+            c: v.strip() for c, v in zip(self._columns, cells, strict=False) if c and v.strip()
+        }
+        email = given.pop("emailAddress", "")
+        status = given.pop("status", "").capitalize() or self._default_status
+        request = SaveContact.model_validate(
+            {"appId": self._app_id, "emailAddress": email, "status": status, "data": given}
+        )
+        return _Row(request.emailAddress, request.status.value, _data_values(request.data))
+
+
+def _count_rows(path: Path) -> int:
+    with path.open(newline="", encoding="utf-8-sig") as stream:
+        return max(0, sum(1 for cells in csv.reader(stream) if cells) - 1)
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    processed: int = 0
+    created: int = 0
+    updated: int = 0
+    failed: int = 0
+
+
+async def _write(conn: AsyncConnection, app_pk: str, rows: list[_Row]) -> tuple[int, int]:
+    """Create the new addresses in one statement; merge the known ones. (created, updated)
+
+    `INSERT ... ON CONFLICT DO NOTHING RETURNING` says which addresses were new without a
+    look-up first (an `IN` list of a thousand addresses gets a sequential scan on
+    PostgreSQL while the table's statistics are still those of an empty table)."""
+    merged: dict[str, _Row] = {}
+    for row in rows:  # the same address twice in a batch: the later fields win
+        key = row.email.lower()
+        earlier = merged.get(key)
+        merged[key] = (
+            row
+            if earlier is None
+            else _Row(earlier.email, earlier.status, earlier.values | row.values)
+        )
+    now = now_ms()
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(contacts)
+        .on_conflict_do_nothing(index_elements=["app_pk", "email_lower"])
+        .returning(contacts.c.email_lower)
+    )
+    new = [
+        {
+            "app_pk": app_pk,
+            "email": row.email,
+            "email_lower": key,
+            "status": row.status,
+            "created_at": now,
+            "updated_at": now,
+            **(_EMPTY | row.values),
+        }
+        for key, row in merged.items()
+    ]
+    created = set((await conn.execute(statement, new)).scalars().all())
+    await _merge_existing(
+        conn, app_pk, [(k, r) for k, r in merged.items() if k not in created], now
+    )
+    return len(created), len(merged) - len(created)
+
+
+async def _merge_existing(
+    conn: AsyncConnection, app_pk: str, rows: list[tuple[str, _Row]], now: int
+) -> None:
+    """Known addresses get their given fields; one statement per set of fields."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for key, row in rows:
+        columns = tuple(sorted(row.values))
+        params = {"k_app": app_pk, "k_email": key, "k_now": now}
+        groups.setdefault(columns, []).append(params | {f"v_{c}": row.values[c] for c in columns})
+    for columns, batch in groups.items():
+        statement = (
+            contacts.update()
+            .where(
+                contacts.c.app_pk == sa.bindparam("k_app"),
+                contacts.c.email_lower == sa.bindparam("k_email"),
+            )
+            .values(
+                updated_at=sa.bindparam("k_now"), **{c: sa.bindparam(f"v_{c}") for c in columns}
+            )
+        )
+        await conn.execute(statement, batch)
+
+
+async def _commit_batch(
+    db: Database, job: Job, rows: list[_Row], errors: list[str], tally: _Tally
+) -> None:
+    async with db.begin() as conn:
+        created, updated = await _write(conn, job.app_pk, rows) if rows else (0, 0)
+        await _progress(conn, job.id, tally, len(rows), errors, created, updated)
+
+
+async def _progress(
+    conn: AsyncConnection,
+    job_id: str,
+    tally: _Tally,
+    rows: int,
+    errors: list[str],
+    created: int,
+    updated: int,
+) -> None:
+    tally.processed += rows + len(errors)
+    tally.created += created
+    tally.updated += updated
+    kept = await conn.scalar(sa.select(import_jobs.c.errors).where(import_jobs.c.id == job_id))
+    lines = [e for e in (kept or "").split("\n") if e]
+    lines += errors[: max(0, _KEPT_ERRORS - len(lines))]
+    tally.failed += len(errors)
+    await conn.execute(
+        import_jobs.update()
+        .where(import_jobs.c.id == job_id)
+        .values(
+            processed_rows=tally.processed,
+            created_rows=tally.created,
+            updated_rows=tally.updated,
+            error_rows=tally.failed,
+            errors="\n".join(lines),
+            updated_at=now_ms(),
+        )
+    )
+
+
+async def _set(db: Database, job_id: str, **values: Any) -> None:
+    async with db.begin() as conn:
+        await conn.execute(
+            import_jobs.update()
+            .where(import_jobs.c.id == job_id)
+            .values(updated_at=now_ms(), **values)
+        )
+
+
+async def run_job(db: Database, job_id: str, default_status: Status = Status.CONFIRMED) -> Job:
+    """Work through a queued job's file to the end; the file is removed afterwards."""
+    async with db.read() as conn:
+        row = (await conn.execute(import_jobs.select().where(import_jobs.c.id == job_id))).first()
+        if row is None:
+            raise NotFound("Import not found")
+        app_id = await conn.scalar(
+            sa.select(apps_table.c.app_id).where(apps_table.c.id == row.app_pk)
+        )
+    job, path = Job.from_row(row), Path(row.path)
+    try:
+        total = await asyncio.to_thread(_count_rows, path)
+        await _set(db, job_id, status="running", total_rows=total)
+        await _import(db, job, path, str(app_id), default_status)
+        await _set(db, job_id, status="done")
+    except (BadRequest, UnicodeDecodeError, csv.Error, OSError) as exc:
+        await _set(db, job_id, status="failed", errors=_failure(exc))
+    except asyncio.CancelledError:
+        await _set(
+            db, job_id, status="failed", errors="The import was interrupted: upload the file again."
+        )
+        raise
+    finally:
+        await asyncio.to_thread(_remove, path)
+    async with db.read() as conn:
+        done = (await conn.execute(import_jobs.select().where(import_jobs.c.id == job_id))).first()
+    return Job.from_row(done)
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "The file is not UTF-8 text: save it as 'CSV UTF-8' and upload it again."
+    if isinstance(exc, BadRequest):
+        return exc.message
+    return f"The file could not be read: {exc}"
+
+
+async def _import(db: Database, job: Job, path: Path, app_id: str, default_status: Status) -> None:
+    tally = _Tally()
+    reader = await asyncio.to_thread(_Reader.open, path, app_id, default_status)
+    try:
+        while True:
+            rows, errors = await asyncio.to_thread(reader.batch)
+            if not rows and not errors:
+                return
+            await _commit_batch(db, job, rows, errors, tally)
+    finally:
+        reader.stream.close()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+class ImportRunner:
+    """The import tasks of this process, so they can be awaited (tests) or stopped."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, job_id: str, default_status: Status = Status.CONFIRMED) -> None:
+        task = asyncio.create_task(self._run(job_id, default_status), name=f"import-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
+
+    async def _run(self, job_id: str, default_status: Status) -> None:
+        try:
+            job = await run_job(self._db, job_id, default_status)
+            log.info("import_finished", job_id=job_id, status=job.status, rows=job.processed_rows)
+        except Exception:
+            log.exception("import_failed", job_id=job_id)
+            await _set(self._db, job_id, status="failed", errors="The import failed unexpectedly.")
+
+    async def wait(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await self.wait()
+
+
+# --- export -----------------------------------------------------------------------------
+
+
+async def export_rows(db: Database, account_id: str, app_id: str) -> AsyncIterator[bytes]:
+    """Resolve the app now (a wrong id fails before anything is sent), then stream the
+    CSV in pages of `BATCH` contacts, each read in its own short transaction."""
+    async with db.read() as conn:
+        app = await apps.resolve(conn, account_id, app_id)
+    return _export_pages(db, app.pk)
+
+
+async def _export_pages(db: Database, app_pk: str) -> AsyncIterator[bytes]:
+    yield _csv_line(EXPORT_COLUMNS)
+    last_id = 0
+    columns = [contacts.c[c] for c in ("email", "status", *DATA_FIELDS.values())]
+    while True:
+        async with db.read() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(contacts.c.id, *columns)
+                    .where(contacts.c.app_pk == app_pk, contacts.c.id > last_id)
+                    .order_by(contacts.c.id)
+                    .limit(BATCH)
+                )
+            ).all()
+        if not rows:
+            return
+        last_id = rows[-1].id
+        yield b"".join(_csv_line(list(r)[1:]) for r in rows)
+
+
+def _csv_line(values: list[Any]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow(values)
+    return out.getvalue().encode("utf-8")

@@ -1,0 +1,105 @@
+"""Prometheus metrics, one registry per process's Services (so tests never collide).
+
+Counters and histograms are observed where things happen (the HTTP middleware, the
+delivery and webhook workers). Queue depths are read from the database at scrape time:
+the queue is shared by every process, so only the database knows its depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sendkit.db import Database, messages, webhook_deliveries
+
+# The statuses of work still to do; reported even when empty, so series do not vanish.
+MESSAGE_STATUSES = ("queued", "sending", "deferred")
+WEBHOOK_STATUSES = ("pending", "sending")
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "sendkit_http_requests",
+            "HTTP requests by route template, method and status code.",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "sendkit_http_request_duration_seconds",
+            "HTTP request handling time by route template.",
+            ["route"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "sendkit_queue_depth",
+            "Messages waiting in the queue, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.webhook_queue_depth = Gauge(
+            "sendkit_webhook_queue_depth",
+            "Webhook deliveries waiting, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "sendkit_deliveries",
+            "Delivery outcomes recorded by this process's workers.",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "sendkit_delivery_latency_seconds",
+            "From acceptance (queued) to the final outcome of a message.",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_attempt = Histogram(
+            "sendkit_delivery_attempt_seconds",
+            "Duration of one SMTP (or sandbox) delivery attempt.",
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "sendkit_webhook_attempts",
+            "Webhook attempts by the status the delivery was left in.",
+            ["status"],
+            registry=r,
+        )
+
+    def observe_delivery(
+        self, outcome: str, *, latency_s: float | None, attempt_s: float | None
+    ) -> None:
+        self.deliveries.labels(outcome).inc()
+        if latency_s is not None:
+            self.delivery_latency.labels(outcome).observe(max(latency_s, 0.0))
+        if attempt_s is not None:
+            self.delivery_attempt.observe(max(attempt_s, 0.0))
+
+    async def render(self, db: Database) -> bytes:
+        """The exposition text, with the queue depths read now."""
+        for status, n in (await _depths(db, messages.c.status, MESSAGE_STATUSES)).items():
+            self.queue_depth.labels(status).set(n)
+        hooks = await _depths(db, webhook_deliveries.c.status, WEBHOOK_STATUSES)
+        for status, n in hooks.items():
+            self.webhook_queue_depth.labels(status).set(n)
+        return generate_latest(self.registry)
+
+
+async def _depths(db: Database, column: Any, statuses: tuple[str, ...]) -> dict[str, int]:
+    # Only the statuses still in the queue: counting every delivered message ever sent on
+    # each scrape would grow with the log, and is not queue depth.
+    query = sa.select(column, sa.func.count()).where(column.in_(statuses)).group_by(column)
+    async with db.read() as conn:
+        found = {status: int(n) for status, n in await conn.execute(query)}
+    return {status: found.get(status, 0) for status in statuses}
