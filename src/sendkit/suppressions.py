@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from enum import StrEnum
 from typing import Any
 
@@ -50,6 +50,21 @@ async def is_suppressed(conn: AsyncConnection, account_id: str, email: str) -> b
         )
     )
     return found is not None
+
+
+async def suppressed_among(
+    conn: AsyncConnection, recipients: Collection[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Which (account_id, email) pairs are suppressed: one query for a worker's batch."""
+    if not recipients:
+        return set()
+    pairs = [(account_id, email.lower()) for account_id, email in recipients]
+    rows = await conn.execute(
+        sa.select(suppressions.c.account_id, suppressions.c.email_lower).where(
+            sa.tuple_(suppressions.c.account_id, suppressions.c.email_lower).in_(pairs)
+        )
+    )
+    return {(r.account_id, r.email_lower) for r in rows}
 
 
 # --- managing the list (API and dashboard) -----------------------------------------------

@@ -115,16 +115,20 @@ class Worker:
 
     async def _fill(self, stop: asyncio.Event) -> None:
         capacity = self.concurrency - len(self._inflight)
-        if capacity <= 0:
+        # Claim in batches: waiting for a quarter of the slots costs little latency and
+        # saves a claim transaction per message.
+        if self._inflight and capacity < max(1, self.concurrency // 4):
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return
         try:
             claimed = await queue.claim(self.services.db, capacity, self.lease_ms)
+            suppressed = await self._suppressed(claimed)
         except Exception:
             log.exception("claim_failed")
-            claimed = []
+            claimed, suppressed = [], set()
         for message in claimed:
-            task = asyncio.create_task(self._process(message))
+            flagged = (message.account_id, message.to_addr.lower()) in suppressed
+            task = asyncio.create_task(self._process(message, flagged))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         if not claimed:
@@ -152,9 +156,16 @@ class Worker:
 
     # --- one message ------------------------------------------------------------------
 
-    async def _process(self, message: Claimed) -> None:
+    async def _suppressed(self, claimed: list[Claimed]) -> set[tuple[str, str]]:
+        if not claimed:
+            return set()
+        async with self.services.db.read() as conn:
+            pairs = [(m.account_id, m.to_addr) for m in claimed]
+            return await suppressions.suppressed_among(conn, pairs)
+
+    async def _process(self, message: Claimed, suppressed: bool | None = None) -> None:
         try:
-            outcome = await self.deliver(message)
+            outcome = await self.deliver(message, suppressed)
         except asyncio.CancelledError:
             await queue.release(self.services.db, [message])
             raise
@@ -166,9 +177,12 @@ class Worker:
         await self._pending.put(_Pending(outcome, done))
         await done
 
-    async def deliver(self, message: Claimed) -> Outcome:
+    async def deliver(self, message: Claimed, suppressed: bool | None = None) -> Outcome:
+        """`suppressed` comes from the batch lookup at claim time; None: look it up."""
         started = now_ms()
-        if await self.check_suppression(message):
+        if suppressed is None:
+            suppressed = await self.check_suppression(message)
+        if suppressed:
             return _no_attempt(message, "suppressed", "recipient is on the suppression list")
         listing = await self.list_membership(message)
         if listing is not None and listing.status == Status.UNSUBSCRIBED.value:
