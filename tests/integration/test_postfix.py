@@ -135,14 +135,17 @@ async def test_documented_send_ends_in_postfix_hands_signed(
     from tests.live import live_server
 
     async with SmtpSink() as sink:
-        with PostfixInstance(tmp_path / "mta", next_hop_port=sink.port) as mta, live_server(
-            tmp_path,
-            database_url,
-            SENDKIT_DELIVERY="relay",
-            SENDKIT_RELAY_HOST="127.0.0.1",
-            SENDKIT_RELAY_PORT=str(mta.port),
-            SENDKIT_POLL_INTERVAL="0.05",
-        ) as server:
+        with (
+            PostfixInstance(tmp_path / "mta", next_hop_port=sink.port) as mta,
+            live_server(
+                tmp_path,
+                database_url,
+                SENDKIT_DELIVERY="relay",
+                SENDKIT_RELAY_HOST="127.0.0.1",
+                SENDKIT_RELAY_PORT=str(mta.port),
+                SENDKIT_POLL_INTERVAL="0.05",
+            ) as server,
+        ):
             demo = server.cli("init", "--demo")
             async with httpx.AsyncClient(base_url=server.base_url) as client:
                 response = await client.post(
