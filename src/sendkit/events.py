@@ -188,3 +188,37 @@ async def list_for_account(
     async with db.read() as conn:
         rows = await conn.execute(select.order_by(events.c.id.desc()).limit(query.limit))
         return [to_api(r) for r in rows]
+
+
+async def record_many(
+    conn: AsyncConnection, entries: list[tuple[str, str | None, str, dict[str, Any]]]
+) -> None:
+    """`record` for a batch of (account_id, message_id, type, data): accounts without
+    webhook endpoints get one multi-row insert; the others go through `record`."""
+    if not entries:
+        return
+    account_ids = {entry[0] for entry in entries}
+    hooked = set(
+        await conn.scalars(
+            sa.select(webhook_endpoints.c.account_id)
+            .where(webhook_endpoints.c.account_id.in_(account_ids))
+            .distinct()
+        )
+    )
+    now = now_ms()
+    plain = [
+        {
+            "account_id": account_id,
+            "message_id": message_id,
+            "type": EventType(type_).value,
+            "data": orjson.dumps(data).decode(),
+            "created_at": now,
+        }
+        for account_id, message_id, type_, data in entries
+        if account_id not in hooked
+    ]
+    if plain:
+        await conn.execute(events.insert(), plain)
+    for account_id, message_id, type_, data in entries:
+        if account_id in hooked:
+            await record(conn, account_id, message_id, type_, data)

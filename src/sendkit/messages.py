@@ -77,48 +77,32 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
     recipient = request.recipient
     message_id = secrets.token_hex(16)
     now = now_ms()
-
-    async def store(conn: AsyncConnection) -> str:
-        await _count_against_daily_limit(conn, account)
-        # Accepted, but never attempted: the address bounced or complained before, or left
-        # the app's list.
-        reason = await _suppression_reason(conn, account.id, recipient.lower, app_pk)
-        suppressed = reason is not None
-        status = "suppressed" if suppressed else "queued"
-        await conn.execute(
-            messages.insert().values(
-                id=message_id,
-                request_id=request_id,
-                account_id=account.id,
-                app_pk=app_pk,
-                from_header=request.from_,
-                from_addr=sender.lower,
-                to_header=request.to,
-                to_addr=recipient.lower,
-                subject=request.subject,
-                body=request.body,
-                size=request.size(),
-                status=status,
-                attempts=0,
-                next_attempt_at=None if suppressed else now,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        data = {
-            "email": recipient.lower,
-            "from": sender.lower,
-            "subject": request.subject,
-            "requestId": request_id,
-            "appId": request.appId,
-        }
-        if reason is not None:
-            data["reason"] = reason
-        await events.record(conn, account.id, message_id, status, data)
-        return status
-
-    # Group commit: this request shares its transaction (and fsync) with its neighbours.
-    status = await db.write(store, savepoint=False)
+    row = {
+        "id": message_id,
+        "request_id": request_id,
+        "account_id": account.id,
+        "app_pk": app_pk,
+        "from_header": request.from_,
+        "from_addr": sender.lower,
+        "to_header": request.to,
+        "to_addr": recipient.lower,
+        "subject": request.subject,
+        "body": request.body,
+        "size": request.size(),
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    data = {
+        "email": recipient.lower,
+        "from": sender.lower,
+        "subject": request.subject,
+        "requestId": request_id,
+        "appId": request.appId,
+    }
+    # Group commit: this request shares its transaction (and fsync) with its neighbours,
+    # and the batch handler serves them all with a few set-based statements.
+    status = await db.write_batch(_store_batch, _Pending(account, row, data))
     return Accepted(message_id, status)
 
 
@@ -129,42 +113,93 @@ async def _app_pk(db: Database, account_id: str, app_id: str | None) -> str | No
         return (await apps.resolve(conn, account_id, app_id)).pk
 
 
-async def _suppression_reason(
-    conn: AsyncConnection, account_id: str, email: str, app_pk: str | None
-) -> str | None:
-    if await suppressions.is_suppressed(conn, account_id, email):
-        return "suppression list"
-    if app_pk is not None:
-        status = await conn.scalar(
-            sa.select(contacts.c.status).where(
-                contacts.c.app_pk == app_pk, contacts.c.email_lower == email
-            )
-        )
-        if status == Status.UNSUBSCRIBED.value:
-            return "unsubscribed"
-    return None
+@dataclass(frozen=True)
+class _Pending:
+    account: Account
+    row: dict[str, Any]
+    event_data: dict[str, Any]
 
 
-async def _count_against_daily_limit(conn: AsyncConnection, account: Account) -> None:
-    """Atomic on both databases: the conditional UPDATE is the check."""
+async def _store_batch(conn: AsyncConnection, items: list[_Pending]) -> list[Any]:
+    """Checks 9 (daily limit) and the suppression lists for many sends, then one insert
+    of the messages and one of their events."""
+    results: list[Any] = [DailyLimitReached() for _ in items]
+    accepted = await _take_daily_quota(conn, items)
+    reasons = await _suppression_reasons(conn, [items[i] for i in accepted])
+    rows: list[dict[str, Any]] = []
+    entries: list[tuple[str, str | None, str, dict[str, Any]]] = []
+    for i in accepted:
+        item = items[i]
+        # Accepted, but never attempted: the address bounced or complained before, or
+        # left the app's list.
+        reason = reasons.get(item.row["id"])
+        status = "queued" if reason is None else "suppressed"
+        next_at = item.row["created_at"] if reason is None else None
+        rows.append(item.row | {"status": status, "next_attempt_at": next_at})
+        data = item.event_data if reason is None else item.event_data | {"reason": reason}
+        entries.append((item.account.id, item.row["id"], status, data))
+        results[i] = status
+    if rows:
+        await conn.execute(messages.insert(), rows)
+        await events.record_many(conn, entries)
+    return results
+
+
+async def _take_daily_quota(conn: AsyncConnection, items: list[_Pending]) -> list[int]:
+    """Which of the items fit under their account's daily limit (UTC day), counted once
+    per account. The row is locked (PostgreSQL) or the writer is single (SQLite), so
+    concurrent processes never overshoot."""
     day = utc_today().isoformat()
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    await conn.execute(
-        insert(daily_usage)
-        .values(account_id=account.id, day=day, sent=0)
-        .on_conflict_do_nothing(index_elements=["account_id", "day"])
-    )
-    result = await conn.execute(
-        daily_usage.update()
-        .where(
-            daily_usage.c.account_id == account.id,
-            daily_usage.c.day == day,
-            daily_usage.c.sent < account.daily_limit,
+    by_account: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_account.setdefault(item.account.id, []).append(i)
+    accepted: list[int] = []
+    for account_id, indexes in by_account.items():
+        await conn.execute(
+            insert(daily_usage)
+            .values(account_id=account_id, day=day, sent=0)
+            .on_conflict_do_nothing(index_elements=["account_id", "day"])
         )
-        .values(sent=daily_usage.c.sent + 1)
-    )
-    if result.rowcount == 0:
-        raise DailyLimitReached()
+        key = (daily_usage.c.account_id == account_id, daily_usage.c.day == day)
+        query = sa.select(daily_usage.c.sent).where(*key)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        sent = int(await conn.scalar(query) or 0)
+        room = max(0, items[indexes[0]].account.daily_limit - sent)
+        taken = indexes[:room]
+        if taken:
+            await conn.execute(
+                daily_usage.update().where(*key).values(sent=daily_usage.c.sent + len(taken))
+            )
+        accepted.extend(taken)
+    return sorted(accepted)
+
+
+async def _suppression_reasons(conn: AsyncConnection, items: list[_Pending]) -> dict[str, str]:
+    """message id -> why it will not be attempted, for the items that will not be."""
+    pairs = [(item.account.id, item.row["to_addr"]) for item in items]
+    suppressed = await suppressions.suppressed_among(conn, pairs)
+    reasons = {
+        item.row["id"]: "suppression list"
+        for item in items
+        if (item.account.id, item.row["to_addr"]) in suppressed
+    }
+    listed = [(item.row["app_pk"], item.row["to_addr"]) for item in items if item.row["app_pk"]]
+    if listed:
+        rows = await conn.execute(
+            sa.select(contacts.c.app_pk, contacts.c.email_lower).where(
+                sa.tuple_(contacts.c.app_pk, contacts.c.email_lower).in_(listed),
+                contacts.c.status == Status.UNSUBSCRIBED.value,
+            )
+        )
+        unsubscribed = {(r.app_pk, r.email_lower) for r in rows}
+        for item in items:
+            if item.row["id"] not in reasons and (
+                (item.row["app_pk"], item.row["to_addr"]) in unsubscribed
+            ):
+                reasons[item.row["id"]] = "unsubscribed"
+    return reasons
 
 
 async def sent_today(db: Database, account_id: str) -> int:
