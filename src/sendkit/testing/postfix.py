@@ -57,7 +57,6 @@ says why an instance cannot be started, for tests to skip or fail with.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import grp
@@ -77,8 +76,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
+
+from sendkit.testing.lifecycle import StartStop
 
 __all__ = [
     "DEFAULT_HOSTNAME",
@@ -386,7 +386,7 @@ def _wait_listening(pid: int, host: str, port: int, timeout: float) -> bool:
 # -- the instance -------------------------------------------------------------------------------
 
 
-class PostfixInstance:
+class PostfixInstance(StartStop):
     """A private Postfix listening on 127.0.0.1, relaying everything to a loopback next hop.
 
     Use as a context manager (sync or async) or call :meth:`start` / :meth:`stop`. ``port``
@@ -583,30 +583,6 @@ class PostfixInstance:
         if leftovers:
             problems.append(f"processes still running: {sorted(set(leftovers))}")
             raise PostfixError("; ".join(problems))
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -826,7 +802,7 @@ def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
 # -- smtp-sink and smtp-source ------------------------------------------------------------------
 
 
-class PostfixSmtpSink:
+class PostfixSmtpSink(StartStop):
     """Postfix's ``smtp-sink`` on 127.0.0.1 as a next hop for benchmarks: it accepts and
     discards mail as fast as it can. Context manager (sync or async); ``port`` after start.
 
@@ -903,30 +879,6 @@ class PostfixSmtpSink:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
 
 def smtp_source_command(

@@ -22,12 +22,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from sendkit.testing.lifecycle import StartStop
 
 if TYPE_CHECKING:
     import trustme
@@ -274,7 +275,7 @@ class _SinkController(Controller):
         super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
-class SmtpSink:
+class SmtpSink(StartStop):
     """A started-on-demand aiosmtpd server; use as a (async) context manager or start()/stop().
 
     ``tls="starttls"`` offers STARTTLS and ``tls="implicit"`` wraps the whole connection, both
@@ -376,30 +377,6 @@ class SmtpSink:
             server.close_now()
         async with asyncio.timeout(_SHUTDOWN_GRACE):
             await asyncio.gather(*(server.gone.wait() for server in live))
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
     # -- what the test looks at ---------------------------------------------------------------
 
