@@ -129,6 +129,7 @@ def main() -> int:
                 "dkimpy_per_s": round(dkimpy_per_s, 1),
                 "ratio": round(ratio, 2),
                 "median_us": round(median_us, 1),
+                "openssl_rsa_per_s": round(rsa_per_s, 1),
             }
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

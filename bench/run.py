@@ -207,6 +207,8 @@ def _benchmarks(run: Run) -> None:
         if stage.sqlite is not None:
             _sqlite_phases(run, stage.sqlite, stage.bare, postfix)
             stage.sqlite.proc.stop()  # idle servers stay out of the next measurements
+        if stage.bare is not None:
+            stage.bare.proc.stop()
         if stage.postgres is not None:
             _postgres_phase(run, stage.postgres, postfix)
             stage.postgres.proc.stop()

@@ -40,6 +40,7 @@ class _Progress:
 
 
 def run_sendkit(ctx: Context, server: Server) -> SendKitRun:
+    """On a fresh deployment: the status counts are this run's messages."""
     total = ctx.params.e2e_messages
     with profiled(ctx.profile_dir, server.proc.pid, f"e2e-{server.deployment.database}"):
         started = time.perf_counter()
