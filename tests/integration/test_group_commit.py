@@ -45,7 +45,9 @@ async def test_one_callers_failure_does_not_fail_its_neighbours(
     ]
     bad = [
         client.post(
-            "/v1/send", json=SEND_EXAMPLE | {"from": f"x{i}@unregistered-domain.com"}, headers=tenant.auth
+            "/v1/send",
+            json=SEND_EXAMPLE | {"from": f"x{i}@unregistered-domain.com"},
+            headers=tenant.auth,
         )
         for i in range(5)
     ]
