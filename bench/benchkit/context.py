@@ -43,7 +43,7 @@ class Params:
             page_requests=30,
             memory_messages=10_000,
             memory_seconds=5,
-            memory_enqueue_seconds=8,
+            memory_enqueue_seconds=5,
         )
 
 
