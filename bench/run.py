@@ -155,6 +155,7 @@ def _sqlite_phases(
         if results is not None:
             run.figures.extend(intake.figures(*results))
     if run.wants("contacts"):
+        run.attempt("drain intake queue", server.wait_idle)
         found = run.attempt(
             "contacts", lambda: contacts.run(ctx, server), *contacts.unavailable("failed")
         )

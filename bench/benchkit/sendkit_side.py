@@ -186,6 +186,15 @@ class Server:
         procs.wait_port(self.port, self.proc)
         return self
 
+    def wait_idle(self, timeout: float = 300.0) -> None:
+        """Until nothing is queued, sending or deferred: the previous phase's messages
+        are delivered and the worker no longer competes with the next measurement."""
+        deadline = time.monotonic() + timeout
+        while any(self.admin.counts().get(s, 0) for s in ("queued", "sending", "deferred")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.deployment.name}: queue not drained in {timeout} s")
+            time.sleep(0.2)
+
 
 def serve_command() -> list[str]:
     script = Path(sys.executable).with_name("sendkit")
