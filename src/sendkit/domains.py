@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -129,30 +129,30 @@ def _sender_address(address: str) -> str:
 
 async def check_sender(db: Database, account_id: str, sender: Mailbox) -> None:
     """Checks 7 and 8 of the documented order: verified domain, then registered sender."""
-    query = (
-        sa.select(domains.c.verified, senders.c.address)
-        .select_from(domains)
-        .outerjoin(
-            senders,
-            sa.and_(
-                senders.c.domain_id == domains.c.id,
-                senders.c.address.in_((sender.lower, ANY_SENDER)),
-            ),
-        )
-        .where(domains.c.account_id == account_id, domains.c.name == sender.ascii_domain)
-    )
     cache_key = ("sender", account_id, sender.ascii_domain, sender.lower)
-    verdict: type[SendKitError] | bool | None = db.cache.get(cache_key)
+    verdict: type[SendKitError] | Literal[True] | None = db.cache.get(cache_key)
     if verdict is None:
+        # Built only on a miss: on the hot path the cache answers.
+        query = (
+            sa.select(domains.c.verified, senders.c.address)
+            .select_from(domains)
+            .outerjoin(
+                senders,
+                sa.and_(
+                    senders.c.domain_id == domains.c.id,
+                    senders.c.address.in_((sender.lower, ANY_SENDER)),
+                ),
+            )
+            .where(domains.c.account_id == account_id, domains.c.name == sender.ascii_domain)
+        )
         async with db.read() as conn:
-            rows = (await conn.execute(query)).all()
-        verdict = _sender_verdict(rows)
+            verdict = _sender_verdict((await conn.execute(query)).all())
         db.cache.put(cache_key, verdict)
-    if verdict is not True and verdict is not False:
+    if verdict is not True:
         raise verdict()
 
 
-def _sender_verdict(rows: Sequence[Any]) -> type[SendKitError] | bool:
+def _sender_verdict(rows: Sequence[Any]) -> type[SendKitError] | Literal[True]:
     if not rows or not rows[0].verified:
         return InvalidDomain
     if all(r.address is None for r in rows):
