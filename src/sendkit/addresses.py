@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ class Mailbox:
         return self.address.lower()
 
 
+# A request parses its sender and recipient more than once (validation, then the sender
+# checks), and senders repeat across requests: the answer is a pure function of the text.
+@functools.lru_cache(maxsize=4096)
 def parse_mailbox(value: str) -> Mailbox:
     """Raise ValueError with a short reason when `value` is not one valid mailbox."""
     if "\r" in value or "\n" in value or "\x00" in value:

@@ -396,15 +396,17 @@ class Database:
         self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
 
     @asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncConnection]:
+    async def begin(self, *, invalidates: bool = True) -> AsyncIterator[AsyncConnection]:
         """A transaction that commits on success; a locked or full database answers 503.
 
         The hot paths write through `write()`; everything else (keys, plans, domains,
-        senders) comes here, so a commit here also drops the cached lookups.
+        senders) comes here, so a commit here also drops the cached lookups, unless the
+        caller says it touches nothing they depend on (`invalidates=False`: pollers).
         """
         async with self._transaction() as conn:
             yield conn
-        self.cache.clear()
+        if invalidates:
+            self.cache.clear()
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -549,11 +551,20 @@ def _create_engine(url: str, *, echo: bool, lock_timeout: float) -> AsyncEngine:
         return create_async_engine(
             url,
             echo=echo,
-            pool_size=10,
-            max_overflow=20,
+            # Sized for the API's and the worker's concurrency: overflow connections are
+            # opened and closed per checkout, which costs more than the query.
+            pool_size=20,
+            max_overflow=10,
             connect_args={"server_settings": settings},
         )
-    engine = create_async_engine(url, echo=echo, connect_args={"timeout": lock_timeout})
+    engine = create_async_engine(
+        url,
+        echo=echo,
+        # Each aiosqlite connection is a thread: keep them rather than open one per burst.
+        pool_size=20,
+        max_overflow=20,
+        connect_args={"timeout": lock_timeout},
+    )
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
     return engine

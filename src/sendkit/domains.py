@@ -130,26 +130,28 @@ def _sender_address(address: str) -> str:
 async def check_sender(db: Database, account_id: str, sender: Mailbox) -> None:
     """Checks 7 and 8 of the documented order: verified domain, then registered sender."""
     cache_key = ("sender", account_id, sender.ascii_domain, sender.lower)
-    verdict: type[SendKitError] | Literal[True] | None = db.cache.get(cache_key)
-    if verdict is None:
-        # Built only on a miss: on the hot path the cache answers.
-        query = (
-            sa.select(domains.c.verified, senders.c.address)
-            .select_from(domains)
-            .outerjoin(
-                senders,
-                sa.and_(
-                    senders.c.domain_id == domains.c.id,
-                    senders.c.address.in_((sender.lower, ANY_SENDER)),
-                ),
-            )
-            .where(domains.c.account_id == account_id, domains.c.name == sender.ascii_domain)
-        )
-        async with db.read() as conn:
-            verdict = _sender_verdict((await conn.execute(query)).all())
-        db.cache.put(cache_key, verdict)
+    verdict = await db.cache.get_or_load(cache_key, lambda: _sender_lookup(db, account_id, sender))
     if verdict is not True:
         raise verdict()
+
+
+async def _sender_lookup(
+    db: Database, account_id: str, sender: Mailbox
+) -> type[SendKitError] | Literal[True]:
+    query = (
+        sa.select(domains.c.verified, senders.c.address)
+        .select_from(domains)
+        .outerjoin(
+            senders,
+            sa.and_(
+                senders.c.domain_id == domains.c.id,
+                senders.c.address.in_((sender.lower, ANY_SENDER)),
+            ),
+        )
+        .where(domains.c.account_id == account_id, domains.c.name == sender.ascii_domain)
+    )
+    async with db.read() as conn:
+        return _sender_verdict((await conn.execute(query)).all())
 
 
 def _sender_verdict(rows: Sequence[Any]) -> type[SendKitError] | Literal[True]:

@@ -124,9 +124,10 @@ async def authenticate(db: Database, box: SecretBox, token: str) -> Authenticate
     if not token.startswith(KEY_PREFIX) or len(token) > 200:
         raise InvalidSignature()
     digest = hash_key(token)
-    cached: AuthenticatedKey | None = db.cache.get(("key", digest))
-    if cached is not None:
-        return cached
+    return await db.cache.get_or_load(("key", digest), lambda: _lookup_key(db, box, digest))
+
+
+async def _lookup_key(db: Database, box: SecretBox, digest: str) -> AuthenticatedKey:
     query = (
         sa.select(
             api_keys.c.id,
@@ -150,9 +151,7 @@ async def authenticate(db: Database, box: SecretBox, token: str) -> Authenticate
         await _touch(db, row.id)
     account = Account(**{f: getattr(row, "account_" + f) for f in _ACCOUNT_FIELDS})
     secret = box.decrypt(row.signing_secret) if row.signing_secret else None
-    found = AuthenticatedKey(row.id, row.prefix, secret, row.require_signature, account)
-    db.cache.put(("key", digest), found)
-    return found
+    return AuthenticatedKey(row.id, row.prefix, secret, row.require_signature, account)
 
 
 async def _touch(db: Database, key_id: str) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+import orjson
 import structlog
 
 
@@ -17,7 +19,9 @@ def configure(*, json: bool = True, level: str = "INFO") -> None:
         structlog.processors.format_exc_info,
     ]
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
+        if json
+        else structlog.dev.ConsoleRenderer()
     )
     structlog.configure(
         processors=[*processors, renderer],
@@ -25,6 +29,11 @@ def configure(*, json: bool = True, level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+
+
+def _dumps(value: Any, **_: Any) -> str:
+    # orjson: a log line per request and per delivery, at a fraction of json.dumps' cost.
+    return orjson.dumps(value, default=str).decode()
 
 
 class _CurrentStderr:

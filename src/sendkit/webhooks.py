@@ -522,7 +522,7 @@ async def claim(db: Database, limit: int, lease_ms: int) -> list[Claimed]:
         .values(status="sending", lease_token=token, next_attempt_at=now + lease_ms, updated_at=now)
         .returning(*_CLAIM_COLUMNS)
     )
-    async with db.begin() as conn:
+    async with db.begin(invalidates=False) as conn:
         rows = (await conn.execute(query)).all()
         if not rows:
             return []
@@ -563,7 +563,7 @@ async def finish(
 ) -> bool:
     """Record one outcome, fenced by the lease token; False when the lease was lost."""
     now = now_ms()
-    async with db.begin() as conn:
+    async with db.begin(invalidates=False) as conn:
         if attempt is not None:
             await conn.execute(
                 webhook_attempts.insert().values(

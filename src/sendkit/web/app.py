@@ -60,8 +60,6 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     dashboard.install(app)  # pages under /, after the API's handlers (it wraps the 404 one)
     app.add_middleware(RequestContext)
-    # Outermost, so it also counts the 500s that RequestContext answers.
-    app.add_middleware(ops.MetricsMiddleware)
     return app
 
 

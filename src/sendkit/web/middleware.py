@@ -1,4 +1,5 @@
-"""The outermost layer: request ids, extra headers, access logs, and the last-resort 500."""
+"""The outermost layer: request ids, extra headers, access logs, request metrics, and the
+last-resort 500. One ASGI layer for all of it: each layer costs every request a wrapper."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sendkit import logs
 from sendkit.errors import SendKitError
 from sendkit.web import envelope
+from sendkit.web.ops import observe_request
 
 log = logs.get("sendkit.http")
 
@@ -21,7 +23,8 @@ class RequestContext:
 
     Handlers may put headers into `scope["state"]["extra_headers"]` (rate-limit headers);
     they are added here so error responses carry them too. An exception that escapes the
-    app is logged with its traceback and answered with a generic envelope.
+    app is logged with its traceback and answered with a generic envelope. Every request,
+    that 500 included, is counted by route template (`ops.observe_request`).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -57,10 +60,12 @@ class RequestContext:
                     err = SendKitError()
                     response = envelope.error(request_id, err.status, err.code, err.message)
                     await response(scope, receive, send_with_headers)
+            seconds = time.perf_counter() - started
+            observe_request(scope, status["code"], seconds)
             log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
                 status=status["code"],
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(seconds * 1000, 2),
             )

@@ -1,15 +1,13 @@
 """Operations endpoints: `/metrics` (Prometheus), `/healthz` (the process answers) and
-`/readyz` (the database answers), and the middleware that counts requests."""
+`/readyz` (the database answers), and how a request is counted."""
 
 from __future__ import annotations
-
-import time
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from sendkit import logs
 from sendkit.errors import ServiceUnavailable
@@ -47,36 +45,13 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-class MetricsMiddleware:
-    """Counts every HTTP request by route template (never the raw path: ids and tokens in
+def observe_request(scope: Scope, code: int, seconds: float) -> None:
+    """Counts an HTTP request by route template (never the raw path: ids and tokens in
     paths would make a series per request), method and status code."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self._observe(scope, status["code"], time.perf_counter() - started)
-
-    @staticmethod
-    def _observe(scope: Scope, code: int, seconds: float) -> None:
-        services = getattr(scope["app"].state, "services", None)
-        if services is None:
-            return
-        # The router writes the matched route into the shared scope.
-        route = getattr(scope.get("route"), "path", None) or UNMATCHED
-        services.metrics.http_requests.labels(route, scope["method"], str(code)).inc()
-        services.metrics.http_duration.labels(route).observe(seconds)
+    services = getattr(scope["app"].state, "services", None)
+    if services is None:
+        return
+    # The router writes the matched route into the shared scope.
+    route = getattr(scope.get("route"), "path", None) or UNMATCHED
+    services.metrics.http_requests.labels(route, scope["method"], str(code)).inc()
+    services.metrics.http_duration.labels(route).observe(seconds)
