@@ -23,6 +23,7 @@ class LiveServer:
     data_dir: Path
     env: dict[str, str]
     log_path: Path
+    pid: int
 
     def cli(self, *args: str) -> dict[str, Any]:
         """Run a CLI command against the same database and parse its --json output."""
@@ -75,7 +76,7 @@ def live_server(tmp_path: Path, database_url: str, **extra_env: str) -> Iterator
         )
         try:
             _wait_for_port(port, proc)
-            yield LiveServer(f"http://127.0.0.1:{port}", data_dir, env, log_path)
+            yield LiveServer(f"http://127.0.0.1:{port}", data_dir, env, log_path, proc.pid)
         finally:
             proc.terminate()
             try:

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     delivery: Literal["sandbox", "relay", "direct"] = Field(
         "sandbox", description="Where queued messages go: local inbox, smarthost or MX."
     )
+    web_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes `sendkit serve` runs (API and, with `workers`, delivery in "
+        "each), sharing one listening socket. More than 1 needs `redis_url`: rate limits "
+        "and replay protection must be shared between them.",
+    )
     workers: bool = Field(True, description="Run delivery workers inside `sendkit serve`.")
     worker_concurrency: int = Field(20, description="Messages each worker sends at once.")
     lease_seconds: float = Field(
@@ -157,6 +165,15 @@ class Settings(BaseSettings):
     def _refuse_default_secret_in_production(self) -> Settings:
         if self.environment == "production" and not self.secret_key:
             raise ValueError("SENDKIT_SECRET_KEY must be set when SENDKIT_ENVIRONMENT=production")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_state_for_several_processes(self) -> Settings:
+        if self.web_processes > 1 and not self.redis_url:
+            raise ValueError(
+                "SENDKIT_WEB_PROCESSES > 1 needs SENDKIT_REDIS_URL: rate limits and replay "
+                "protection must be shared between the processes"
+            )
         return self
 
     @property

@@ -1,11 +1,15 @@
-"""`sendkit serve`: migrate, then run uvicorn with the app (and, later, workers)."""
+"""`sendkit serve`: migrate, then run uvicorn with the app (and workers), in one process or
+in `web_processes` processes sharing the listening socket."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from typing import Any
 
 import typer
 import uvicorn
+from fastapi import FastAPI
 
 from sendkit import accounts, logs
 from sendkit import services as services_mod
@@ -52,18 +56,39 @@ API docs:           {base}/docs
 """
 
 
+# Several processes: the parent hands its exact settings to each child (spawned, so it
+# imports this module afresh) through the environment.
+_SETTINGS_ENV = "SENDKIT_SERVE_SETTINGS_JSON"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of several `sendkit serve` processes (a uvicorn factory)."""
+    settings = Settings.model_validate_json(os.environ[_SETTINGS_ENV])
+    logs.configure(json=settings.json_logs, level=settings.log_level)
+    return create_app(settings)
+
+
 def serve(settings: Settings, *, init_demo: bool = False) -> None:
     logs.configure(json=settings.json_logs, level=settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     demo = asyncio.run(_prepare(settings, init_demo))
     if demo is not None:
         typer.echo(_banner(settings, demo))
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=False,
-        log_config=None,
-        server_header=False,
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "access_log": False,
+        "log_config": None,
+        "server_header": False,
+    }
+    if settings.web_processes == 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings), **options)).run()
+        return
+    # Unset fields stay unset in the children: defaults like `base_url` depend on it.
+    os.environ[_SETTINGS_ENV] = settings.model_dump_json(exclude_unset=True)
+    uvicorn.run(
+        f"{__name__}:app_from_environment",
+        factory=True,
+        workers=settings.web_processes,
+        **options,
     )
-    uvicorn.Server(config).run()
