@@ -11,17 +11,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from sendkit import logs
 from sendkit.cache import TtlCache
 from sendkit.errors import SendKitError, ServiceUnavailable
+from sendkit.filelock import WriterLock
 
 T = TypeVar("T")
+
+log = logs.get("sendkit.db")
 
 metadata = sa.MetaData(
     naming_convention={
@@ -392,8 +398,10 @@ class Database:
         self._pending: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
         # SQLite has one writer; queueing for it here is fair and fast, where SQLite's own
-        # busy handler sleeps and retries.
+        # busy handler sleeps and retries: an asyncio lock within the process, an flock
+        # between processes.
         self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
+        self._file_lock = _sqlite_file_lock(url, lock_timeout) if self.is_sqlite else None
 
     @asynccontextmanager
     async def begin(self, *, invalidates: bool = True) -> AsyncIterator[AsyncConnection]:
@@ -425,7 +433,25 @@ class Database:
             yield
             return
         async with self._sqlite_writer:
-            yield
+            locked = await self._lock_file()
+            try:
+                yield
+            finally:
+                if locked:
+                    assert self._file_lock is not None
+                    self._file_lock.release()
+
+    async def _lock_file(self) -> bool:
+        if self._file_lock is None:
+            return False
+        try:
+            await self._file_lock.acquire()
+        except OSError as exc:
+            # No lock file (read-only or full disk): SQLite's own locking still holds.
+            log.warning("writer_lock_unavailable", error=str(exc))
+            self._file_lock = None
+            return False
+        return True
 
     async def write(self, fn: WriteFn[T], *, savepoint: bool = True) -> T:
         """Run `fn` in a transaction shared with other writers, and return once it is
@@ -493,6 +519,8 @@ class Database:
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
         await self.engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.close()
 
 
 async def _run_batch(
@@ -542,6 +570,13 @@ _UNAVAILABLE = (
 def _is_unavailable(exc: DBAPIError) -> bool:
     text = str(exc.orig).lower()
     return any(s in text for s in _UNAVAILABLE)
+
+
+def _sqlite_file_lock(url: str, timeout: float) -> WriterLock | None:
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return WriterLock(Path(database).with_name(Path(database).name + ".writer-lock"), timeout)
 
 
 def _create_engine(url: str, *, echo: bool, lock_timeout: float) -> AsyncEngine:
