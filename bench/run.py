@@ -32,7 +32,13 @@ from benchkit import contacts, dkim, e2e, intake, machine, memory, tools
 from benchkit.context import BENCH, REPO, Context, Params
 from benchkit.postfix_side import POSTFIX_SETTINGS, PostfixRun, run_postfix
 from benchkit.report import Figure, not_available, table, write_json
-from benchkit.sendkit_side import Deployment, Server, launched_server, postgres_database
+from benchkit.sendkit_side import (
+    Deployment,
+    Server,
+    launched_server,
+    postgres_database,
+    serve_processes,
+)
 
 BENCHES = ("e2e", "intake", "contacts", "dkim", "memory")
 T = TypeVar("T")
@@ -98,7 +104,10 @@ def _sqlite_fallbacks(run: Run) -> list[Figure]:
 
 def _launch_postgres(ctx: Context, stack: contextlib.ExitStack) -> Server:
     url = stack.enter_context(postgres_database())
-    deployment = Deployment("postgresql", ctx.work / "postgresql", ctx.sink_port, url)
+    processes = serve_processes(ctx.params.serve_processes)
+    deployment = Deployment(
+        "postgresql", ctx.work / "postgresql", ctx.sink_port, url, processes=processes
+    )
     return stack.enter_context(launched_server(deployment, ctx.work))
 
 
@@ -111,7 +120,8 @@ def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
             *intake.unavailable(),
         )
     if run.wants("e2e", "intake", "contacts"):
-        deployment = Deployment("sqlite", ctx.work / "sqlite", ctx.sink_port)
+        processes = serve_processes(ctx.params.serve_processes)
+        deployment = Deployment("sqlite", ctx.work / "sqlite", ctx.sink_port, processes=processes)
         stage.sqlite = run.attempt(
             "start sqlite server",
             lambda: stack.enter_context(launched_server(deployment, ctx.work)),

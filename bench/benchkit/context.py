@@ -22,6 +22,9 @@ class Params:
     body_bytes: int = 1024
     page_size: int = 500
     warmup_seconds: int = 1
+    # `sendkit serve` as in production: SENDKIT_WEB_PROCESSES (with Redis) on the
+    # end-to-end and intake servers; 1 when Redis does not answer.
+    serve_processes: int = 2
 
     @classmethod
     def full(cls) -> Params:

@@ -34,7 +34,8 @@ def profiled(profile_dir: Path | None, pid: int, name: str) -> Iterator[None]:
         return
     profile_dir.mkdir(parents=True, exist_ok=True)
     raw = profile_dir / f"{name}.txt"
-    argv = [binary, "record", "-p", str(pid), "-r", "100", "--nonblocking", "-f", "raw"]
+    argv = [binary, "record", "-p", str(pid), "--subprocesses", "-r", "100", "--nonblocking"]
+    argv += ["-f", "raw"]
     recorder = procs.spawn(
         f"py-spy {name}", [*argv, "-o", str(raw)], log_path=profile_dir / f"{name}.log"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -24,6 +25,21 @@ PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 RATE_PER_SECOND = 1_000_000
 _CHUNK = 200  # messages submitted at once: a few group commits, and a fine deadline
 DAILY_LIMIT = 100_000_000
+REDIS_URL = f"redis://{procs.LOOPBACK}:6379/15"
+
+
+def serve_processes(wanted: int) -> int:
+    """`wanted` when the local Redis answers (several processes share limits through it)."""
+    if wanted <= 1:
+        return 1
+    try:
+        with socket.create_connection((procs.LOOPBACK, 6379), 1.0):
+            return wanted
+    except OSError:
+        print("Redis does not answer on 6379: sendkit serve runs one process", flush=True)
+        return 1
+
+
 SENDER, RECIPIENT = "from@example.com", "to@example.com"
 
 
@@ -43,6 +59,7 @@ class Deployment:
     relay_port: int
     database_url: str | None = None  # None: SQLite in the data directory (the default)
     secret_key: str = ""
+    processes: int = 1  # SENDKIT_WEB_PROCESSES; more than 1 uses the local Redis
 
     def __post_init__(self) -> None:
         self.secret_key = self.secret_key or secrets.token_urlsafe(32)
@@ -65,6 +82,9 @@ class Deployment:
         }
         if self.database_url:
             values["SENDKIT_DATABASE_URL"] = self.database_url
+        if self.processes > 1:
+            values["SENDKIT_WEB_PROCESSES"] = str(self.processes)
+            values["SENDKIT_REDIS_URL"] = REDIS_URL
         return values
 
     def env(self, port: int) -> dict[str, str]:
