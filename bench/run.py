@@ -251,7 +251,12 @@ def _document(run: Run, facts: dict[str, Any], seconds: float) -> dict[str, Any]
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI sizes")
-    parser.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="default: bench/results/latest.json, or quick.json with --quick",
+    )
     parser.add_argument("--work-dir", type=Path, help="work here and keep it afterwards")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy output directory")
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
@@ -262,7 +267,11 @@ def _parse_args() -> argparse.Namespace:
         metavar="NAME=N",
         help="override a size, e.g. --param memory_messages=100000 (see benchkit/context.py)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.output is None:
+        # A quick run never replaces the full run's figures (the README's table).
+        args.output = BENCH / "results" / ("quick.json" if args.quick else "latest.json")
+    return args
 
 
 def _params(args: argparse.Namespace) -> Params:
