@@ -48,6 +48,7 @@ check: lint typecheck
 
 bench: install-dev
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+	$(if $(QUICK),,$(BIN)/python bench/readme_table.py)
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml -o requirements.lock -q --python-version 3.11
