@@ -94,7 +94,8 @@ def params(call: ApiCall, request: Request) -> dict[str, Any]:
     type, so the body's own shape decides how it is read, not the header.
     """
     merged: dict[str, Any] = _from_body(call.body)
-    merged.update(request.query_params.items())
+    if request.scope.get("query_string"):  # parsing an empty one costs more than it seems
+        merged.update(request.query_params.items())
     return merged
 
 

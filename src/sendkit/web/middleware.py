@@ -7,7 +7,6 @@ import time
 import uuid
 from typing import Any
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sendkit import logs
@@ -51,7 +50,8 @@ class RequestContext:
                 message = {**message, "headers": headers}
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        bound = logs.bind_request(request_id)
+        try:
             try:
                 await self.app(scope, receive, send_with_headers)
             except Exception:
@@ -69,3 +69,5 @@ class RequestContext:
                 status=status["code"],
                 duration_ms=round(seconds * 1000, 2),
             )
+        finally:
+            logs.unbind_request(bound)
