@@ -54,7 +54,7 @@ def build(settings: Settings) -> Services:
             cache_seconds=settings.cache_seconds,
         ),
         box=SecretBox(settings.resolved_secret_key()),
-        limiter=RateLimiter(settings.redis_url),
+        limiter=RateLimiter(settings.redis_url, redis=redis_client),
         replay_guard=guard,
         redis=redis_client,
     )
