@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
@@ -12,9 +13,11 @@ import orjson
 import structlog
 
 
-def configure(*, json: bool = True, level: str = "INFO") -> None:
+def configure(*, json: bool = True, level: str = "INFO", with_pid: bool = False) -> None:
+    """`with_pid`: one of several server processes; each line says which."""
     processors: list[structlog.typing.Processor] = [
         _add_request_id,
+        *([_add_pid] if with_pid else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -52,6 +55,11 @@ def _add_request_id(
     request_id = _request_id.get()
     if request_id is not None:
         event.setdefault("request_id", request_id)
+    return event
+
+
+def _add_pid(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["pid"] = os.getpid()
     return event
 
 

@@ -64,7 +64,7 @@ _SETTINGS_ENV = "SENDKIT_SERVE_SETTINGS_JSON"
 def app_from_environment() -> FastAPI:
     """The app of one of several `sendkit serve` processes (a uvicorn factory)."""
     settings = Settings.model_validate_json(os.environ[_SETTINGS_ENV])
-    logs.configure(json=settings.json_logs, level=settings.log_level)
+    logs.configure(json=settings.json_logs, level=settings.log_level, with_pid=True)
     return create_app(settings)
 
 

@@ -4,6 +4,7 @@ rate limits through Redis, and a server that outlives one of its processes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -80,6 +81,11 @@ def test_two_processes_share_one_socket_and_one_rate_limit(
         first, second = sorted(serving_processes(server, 2))
         # Rate limits are per account across every process: 5 a second, not 5 each.
         assert asyncio.run(burst(server, token, 10)) == [200] * 5 + [429] * 5
+        # Each process's log lines say which process wrote them.
+        pids = {
+            json.loads(line).get("pid") for line in server.logs().splitlines() if "{" in line[:1]
+        }
+        assert pids & {first, second}
         time.sleep(1.1)
         # One process dies: the other keeps answering while uvicorn replaces it.
         os.kill(first, signal.SIGKILL)
