@@ -190,35 +190,61 @@ async def list_for_account(
         return [to_api(r) for r in rows]
 
 
+_HOOKED_ACCOUNTS = (
+    sa.select(webhook_endpoints.c.account_id)
+    .where(webhook_endpoints.c.account_id.in_(sa.bindparam("account_ids", expanding=True)))
+    .distinct()
+)
+# Several rows with RETURNING in the order given: SQLAlchemy batches them ("insertmanyvalues")
+# and matches each returned id to its parameters.
+_INSERT_EVENTS_RETURNING = events.insert().returning(events.c.id, sort_by_parameter_order=True)
+_INSERT_EVENTS = events.insert()
+
+
 async def record_many(
     conn: AsyncConnection, entries: list[tuple[str, str | None, str, dict[str, Any]]]
 ) -> None:
-    """`record` for a batch of (account_id, message_id, type, data): accounts without
-    webhook endpoints get one multi-row insert; the others go through `record`."""
+    """`record` for a batch of (account_id, message_id, type, data), with a fixed number of
+    statements whatever its size: which accounts have endpoints, one insert of the events
+    of the others, and for accounts with endpoints one insert of their events (ids
+    returned) plus one executemany of the deliveries' INSERT ... SELECT."""
     if not entries:
         return
-    account_ids = {entry[0] for entry in entries}
-    hooked = set(
-        await conn.scalars(
-            sa.select(webhook_endpoints.c.account_id)
-            .where(webhook_endpoints.c.account_id.in_(account_ids))
-            .distinct()
-        )
-    )
+    account_ids = sorted({entry[0] for entry in entries})
+    hooked = set(await conn.scalars(_HOOKED_ACCOUNTS, {"account_ids": account_ids}))
     now = now_ms()
-    plain = [
-        {
+    plain: list[dict[str, Any]] = []
+    hooked_rows: list[dict[str, Any]] = []
+    hooked_data: list[dict[str, Any]] = []
+    for account_id, message_id, type_, data in entries:
+        payload_data = data or {}
+        row = {
             "account_id": account_id,
             "message_id": message_id,
             "type": EventType(type_).value,
-            "data": orjson.dumps(data).decode(),
+            "data": orjson.dumps(payload_data).decode(),
             "created_at": now,
         }
-        for account_id, message_id, type_, data in entries
-        if account_id not in hooked
-    ]
-    if plain:
-        await conn.execute(events.insert(), plain)
-    for account_id, message_id, type_, data in entries:
         if account_id in hooked:
-            await record(conn, account_id, message_id, type_, data)
+            hooked_rows.append(row)
+            hooked_data.append(payload_data)
+        else:
+            plain.append(row)
+    if plain:
+        await conn.execute(_INSERT_EVENTS, plain)
+    if not hooked_rows:
+        return
+    ids = (await conn.execute(_INSERT_EVENTS_RETURNING, hooked_rows)).scalars().all()
+    deliveries = [
+        {
+            "account_id": row["account_id"],
+            "event_id": int(event_id),
+            "payload": webhook_payload(
+                int(event_id), row["type"], row["message_id"], payload_data, now
+            ),
+            "now": now,
+            "pattern": f"%,{row['type']},%",
+        }
+        for row, payload_data, event_id in zip(hooked_rows, hooked_data, ids, strict=True)
+    ]
+    await conn.execute(_insert_deliveries(conn.dialect.name), deliveries)

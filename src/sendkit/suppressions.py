@@ -52,18 +52,22 @@ async def is_suppressed(conn: AsyncConnection, account_id: str, email: str) -> b
     return found is not None
 
 
+_SUPPRESSED_AMONG = sa.select(suppressions.c.account_id, suppressions.c.email_lower).where(
+    sa.tuple_(suppressions.c.account_id, suppressions.c.email_lower).in_(
+        sa.bindparam("pairs", expanding=True)
+    )
+)
+
+
 async def suppressed_among(
     conn: AsyncConnection, recipients: Collection[tuple[str, str]]
 ) -> set[tuple[str, str]]:
-    """Which (account_id, email) pairs are suppressed: one query for a worker's batch."""
+    """Which (account_id, email) pairs are suppressed: one query for a worker's batch.
+    The answer's emails are lower-cased."""
     if not recipients:
         return set()
-    pairs = [(account_id, email.lower()) for account_id, email in recipients]
-    rows = await conn.execute(
-        sa.select(suppressions.c.account_id, suppressions.c.email_lower).where(
-            sa.tuple_(suppressions.c.account_id, suppressions.c.email_lower).in_(pairs)
-        )
-    )
+    pairs = sorted({(account_id, email.lower()) for account_id, email in recipients})
+    rows = await conn.execute(_SUPPRESSED_AMONG, {"pairs": pairs})
     return {(r.account_id, r.email_lower) for r in rows}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hmac
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -151,14 +152,31 @@ class Membership:
     status: str
 
 
+_MEMBERSHIP = sa.select(contacts.c.id, contacts.c.status).where(
+    contacts.c.app_pk == sa.bindparam("app_pk", type_=sa.String),
+    contacts.c.email_lower == sa.bindparam("email", type_=sa.String),
+)
+_MEMBERSHIPS = sa.select(
+    contacts.c.app_pk, contacts.c.email_lower, contacts.c.id, contacts.c.status
+).where(
+    sa.tuple_(contacts.c.app_pk, contacts.c.email_lower).in_(sa.bindparam("pairs", expanding=True))
+)
+
+
 async def membership(db: Database, app_pk: str, email: str) -> Membership | None:
     """The recipient's contact in the message's app, if there is one."""
     async with db.read() as conn:
-        row = (
-            await conn.execute(
-                sa.select(contacts.c.id, contacts.c.status).where(
-                    contacts.c.app_pk == app_pk, contacts.c.email_lower == email.lower()
-                )
-            )
-        ).first()
+        row = (await conn.execute(_MEMBERSHIP, {"app_pk": app_pk, "email": email.lower()})).first()
     return None if row is None else Membership(row.id, row.status)
+
+
+async def memberships(
+    conn: AsyncConnection, recipients: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], Membership]:
+    """`membership` for a worker's batch of (app_pk, email): one query. Keys are
+    (app_pk, lower-cased email); recipients without a contact are missing."""
+    pairs = sorted({(app_pk, email.lower()) for app_pk, email in recipients})
+    if not pairs:
+        return {}
+    rows = await conn.execute(_MEMBERSHIPS, {"pairs": pairs})
+    return {(r.app_pk, r.email_lower): Membership(r.id, r.status) for r in rows}

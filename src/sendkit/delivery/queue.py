@@ -4,6 +4,12 @@ A claimed message is `sending` with `next_attempt_at` set to its lease expiry, s
 that runs out (a crashed worker) makes the message due again under the same index as new
 and deferred ones. Every update after the claim names the lease token: a worker whose
 lease was taken over cannot record anything.
+
+Outcomes are recorded in batches with a fixed number of statements per batch, whatever
+its size: one fenced `UPDATE … FROM <the batch as JSON> … RETURNING` tells which leases
+were still ours (on SQLite the transaction holds the write lock, on PostgreSQL the update
+locks the rows), then one insert each of attempts, suppressions and events. The hot
+statements are built once, here, and executed with parameters.
 """
 
 from __future__ import annotations
@@ -11,14 +17,22 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import events, suppressions
+from sendkit import events
 from sendkit.db import Database, attempts, messages, now_ms
+from sendkit.db import suppressions as suppressions_table
 
 DUE_STATUSES = ("queued", "deferred", "sending")
+
+# Outcomes per fenced UPDATE: bounds one statement's parameter and the rows it returns.
+_FINISH_CHUNK = 500
+_TEXT_LIMIT = 2000
 
 
 @dataclass(frozen=True)
@@ -69,95 +83,208 @@ _CLAIM_COLUMNS = [
 ]
 
 
-async def claim(db: Database, limit: int, lease_ms: int) -> list[Claimed]:
-    """Take up to `limit` due messages; concurrent claimers never get the same one."""
-    now = now_ms()
-    token = secrets.token_hex(16)
+def _claim_statement(skip_locked: bool) -> Any:
     due = (
         sa.select(messages.c.id)
-        .where(messages.c.status.in_(DUE_STATUSES), messages.c.next_attempt_at <= now)
+        .where(
+            messages.c.status.in_(DUE_STATUSES),
+            messages.c.next_attempt_at <= sa.bindparam("now", type_=sa.BigInteger),
+        )
         .order_by(messages.c.next_attempt_at)
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
     )
-    if not db.is_sqlite:
+    if skip_locked:
         due = due.with_for_update(skip_locked=True)
-    query = (
+    until = sa.bindparam("until", type_=sa.BigInteger)
+    return (
         messages.update()
         .where(messages.c.id.in_(due.scalar_subquery()))
         .values(
             status="sending",
-            lease_token=token,
-            lease_expires_at=now + lease_ms,
-            next_attempt_at=now + lease_ms,
-            updated_at=now,
+            lease_token=sa.bindparam("token", type_=sa.String),
+            lease_expires_at=until,
+            next_attempt_at=until,
+            updated_at=sa.bindparam("now", type_=sa.BigInteger),
         )
         .returning(*_CLAIM_COLUMNS)
     )
 
-    async def take(conn: AsyncConnection) -> list[Claimed]:
-        return [Claimed(**row._mapping) for row in await conn.execute(query)]
 
-    # SQLite serialises claimers through its single writer; PostgreSQL skips locked rows.
+# SQLite serialises claimers through its single writer; PostgreSQL skips locked rows.
+_CLAIM = {"sqlite": _claim_statement(False), "postgresql": _claim_statement(True)}
+
+
+async def claim(db: Database, limit: int, lease_ms: int) -> list[Claimed]:
+    """Take up to `limit` due messages; concurrent claimers never get the same one."""
+    if limit < 1:
+        return []
+    now = now_ms()
+    params = {"now": now, "until": now + lease_ms, "token": secrets.token_hex(16), "limit": limit}
+
+    async def take(conn: AsyncConnection) -> list[Claimed]:
+        rows = await conn.execute(_CLAIM[conn.dialect.name], params)
+        return [Claimed(*row) for row in rows]
+
     return await db.write(take)
+
+
+# --- recording outcomes ------------------------------------------------------------------
+
+# The batch travels as one JSON parameter (a list of objects with these keys) and is
+# joined to the messages it names; only rows whose lease token still matches change.
+_FINISH = {
+    "sqlite": sa.text(
+        """
+UPDATE messages
+SET status = v.status, next_attempt_at = v.next_at, lease_token = NULL,
+    lease_expires_at = NULL, last_code = v.code, last_text = v.text, updated_at = :now,
+    attempts = messages.attempts + v.attempted
+FROM (
+    SELECT value ->> '$.id' AS id, value ->> '$.token' AS token,
+           value ->> '$.status' AS status, value ->> '$.next_at' AS next_at,
+           value ->> '$.code' AS code, value ->> '$.text' AS text,
+           value ->> '$.attempted' AS attempted
+    FROM json_each(:rows)
+) AS v
+WHERE messages.id = v.id AND messages.lease_token = v.token
+RETURNING messages.id, messages.account_id, messages.to_addr
+"""
+    ),
+    "postgresql": sa.text(
+        """
+UPDATE messages
+SET status = v.status, next_attempt_at = v.next_at, lease_token = NULL,
+    lease_expires_at = NULL, last_code = v.code, last_text = v.text, updated_at = :now,
+    attempts = messages.attempts + v.attempted
+FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(
+    id text, token text, status text, next_at bigint, code integer, text text,
+    attempted integer
+)
+WHERE messages.id = v.id AND messages.lease_token = v.token
+RETURNING messages.id, messages.account_id, messages.to_addr
+"""
+    ),
+}
+_INSERT_ATTEMPTS = attempts.insert()
+_ADD_SUPPRESSION = {
+    dialect.name: insert(suppressions_table).on_conflict_do_nothing(
+        index_elements=["account_id", "email_lower"]
+    )
+    for dialect, insert in (
+        (sqlite.dialect, sqlite.insert),
+        (postgresql.dialect, postgresql.insert),
+    )
+}
 
 
 async def finish(db: Database, outcomes: Sequence[Outcome]) -> list[str]:
     """Record outcomes in one transaction; returns the ids whose lease was still ours."""
+    if not outcomes:
+        return []
 
     async def record_all(conn: AsyncConnection) -> list[str]:
-        return [o.message_id for o in outcomes if await _record(conn, o)]
+        return await record(conn, outcomes)
 
     return await db.write(record_all)
 
 
-async def _record(conn: AsyncConnection, outcome: Outcome) -> bool:
-    update = (
-        messages.update()
-        .where(messages.c.id == outcome.message_id, messages.c.lease_token == outcome.lease_token)
-        .values(
-            status=outcome.status,
-            next_attempt_at=outcome.next_attempt_at,
-            lease_token=None,
-            lease_expires_at=None,
-            last_code=outcome.code,
-            last_text=outcome.text[:2000],
-            updated_at=now_ms(),
-            attempts=messages.c.attempts + (1 if outcome.attempted else 0),
-        )
-        .returning(messages.c.account_id, messages.c.to_addr)
-    )
-    row = (await conn.execute(update)).first()
-    if row is None:
-        return False  # fenced: another worker owns this message now
-    if outcome.attempted:
-        await conn.execute(
-            attempts.insert().values(
-                message_id=outcome.message_id,
-                started_at=outcome.started_at,
-                duration_ms=outcome.duration_ms,
-                host=outcome.host,
-                outcome=outcome.status,
-                code=outcome.code,
-                text=outcome.text[:2000],
-            )
-        )
-    if outcome.status == "bounced":
-        await suppressions.add(conn, row.account_id, row.to_addr, "hard_bounce")
-    # The event (and its webhooks) commit with the outcome, or not at all.
-    await events.record(
-        conn,
-        row.account_id,
-        outcome.message_id,
-        outcome.status,
+async def record(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[str]:
+    """Record a batch of outcomes in the caller's transaction, each fenced by its lease
+    token: the status, the attempt, a bounce's suppression, the event and its webhooks.
+    Returns the ids recorded (in the order given); a fenced-out outcome leaves no trace."""
+    owned: dict[str, tuple[str, str]] = {}
+    for start in range(0, len(outcomes), _FINISH_CHUNK):
+        owned.update(await _update_fenced(conn, outcomes[start : start + _FINISH_CHUNK]))
+    mine = [o for o in outcomes if o.message_id in owned]
+    if not mine:
+        return []
+    tried = [_attempt_row(o) for o in mine if o.attempted]
+    if tried:
+        await conn.execute(_INSERT_ATTEMPTS, tried)
+    now = now_ms()
+    bounced = [
         {
-            "email": row.to_addr,
-            "code": outcome.code,
-            "text": outcome.text[:500],
-            "host": outcome.host,
-            "nextAttemptAt": outcome.next_attempt_at,
-        },
+            "account_id": owned[o.message_id][0],
+            "email_lower": owned[o.message_id][1].lower(),
+            "reason": "hard_bounce",
+            "created_at": now,
+        }
+        for o in mine
+        if o.status == "bounced"
+    ]
+    if bounced:
+        await conn.execute(_ADD_SUPPRESSION[conn.dialect.name], bounced)
+    # The events (and their webhooks) commit with the outcomes, or not at all.
+    await events.record_many(conn, [_event_entry(o, *owned[o.message_id]) for o in mine])
+    return [o.message_id for o in mine]
+
+
+async def _update_fenced(
+    conn: AsyncConnection, outcomes: Sequence[Outcome]
+) -> dict[str, tuple[str, str]]:
+    """message id -> (account id, recipient) for the outcomes whose lease was ours."""
+    rows = orjson.dumps(
+        [
+            {
+                "id": o.message_id,
+                "token": o.lease_token,
+                "status": o.status,
+                "next_at": o.next_attempt_at,
+                "code": o.code,
+                "text": _text(o.text, _TEXT_LIMIT),
+                "attempted": 1 if o.attempted else 0,
+            }
+            for o in outcomes
+        ]
+    ).decode()
+    result = await conn.execute(_FINISH[conn.dialect.name], {"rows": rows, "now": now_ms()})
+    return {row[0]: (row[1], row[2]) for row in result}
+
+
+def _attempt_row(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "message_id": outcome.message_id,
+        "started_at": outcome.started_at,
+        "duration_ms": outcome.duration_ms,
+        "host": outcome.host,
+        "outcome": outcome.status,
+        "code": outcome.code,
+        "text": _text(outcome.text, _TEXT_LIMIT),
+    }
+
+
+def _event_entry(
+    outcome: Outcome, account_id: str, to_addr: str
+) -> tuple[str, str | None, str, dict[str, Any]]:
+    data = {
+        "email": to_addr,
+        "code": outcome.code,
+        "text": outcome.text[:500],
+        "host": outcome.host,
+        "nextAttemptAt": outcome.next_attempt_at,
+    }
+    return (account_id, outcome.message_id, outcome.status, data)
+
+
+def _text(value: str, limit: int) -> str:
+    # PostgreSQL text (and its JSON) cannot hold NUL; a garbled reply must not stop a batch.
+    return value[:limit].replace("\x00", "")
+
+
+_RELEASE = (
+    messages.update()
+    .where(
+        messages.c.id == sa.bindparam("message_id", type_=sa.String),
+        messages.c.lease_token == sa.bindparam("token", type_=sa.String),
     )
-    return True
+    .values(
+        status=sa.bindparam("new_status", type_=sa.String),
+        lease_token=None,
+        lease_expires_at=None,
+        next_attempt_at=sa.bindparam("now", type_=sa.BigInteger),
+        updated_at=sa.bindparam("now", type_=sa.BigInteger),
+    )
+)
 
 
 async def release(db: Database, claimed: Sequence[Claimed]) -> None:
@@ -165,20 +292,18 @@ async def release(db: Database, claimed: Sequence[Claimed]) -> None:
     if not claimed:
         return
     now = now_ms()
+    params = [
+        {
+            "message_id": item.id,
+            "token": item.lease_token,
+            "new_status": "queued" if item.attempts == 0 else "deferred",
+            "now": now,
+        }
+        for item in claimed
+    ]
 
     async def give_back(conn: AsyncConnection) -> None:
-        for item in claimed:
-            await conn.execute(
-                messages.update()
-                .where(messages.c.id == item.id, messages.c.lease_token == item.lease_token)
-                .values(
-                    status="queued" if item.attempts == 0 else "deferred",
-                    lease_token=None,
-                    lease_expires_at=None,
-                    next_attempt_at=now,
-                    updated_at=now,
-                )
-            )
+        await conn.execute(_RELEASE, params)
 
     await db.write(give_back)
 

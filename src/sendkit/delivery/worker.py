@@ -10,10 +10,13 @@ lease runs out and the message is tried again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
+import functools
 import random
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 from sendkit import dkim, domains, logs, mime, suppressions, unsubscribe
 from sendkit.addresses import normalise_domain
@@ -74,13 +77,38 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-@dataclass
-class _Pending:
-    outcome: Outcome
-    done: asyncio.Future[None]
+class _Unknown(Enum):
+    """Not looked up at claim time: `deliver` looks it up itself."""
+
+    LOOK_UP = "look up"
+
+
+LOOK_UP = _Unknown.LOOK_UP
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A claimed message waiting for a slot, with what the claim's lookups found."""
+
+    message: Claimed
+    suppressed: bool | None
+    listing: unsubscribe.Membership | _Unknown | None
+    start_by: float  # time.monotonic(): past it, leave the message to a reclaim
 
 
 class Worker:
+    """Claims due messages in batches, runs the steps of `deliver` for each in its own
+    task, and hands the outcomes to one recorder task that commits them in batches.
+
+    A slot (`concurrency`) is taken for the steps only: once the SMTP transaction is over
+    the outcome goes to the recorder and the slot takes the next message, while the lease
+    keeps protecting the message until its outcome commits (a crash before that commit
+    means the lease runs out and the message is tried again). Up to `concurrency` more
+    messages are claimed ahead (given back on stop), so a slot never waits for a claim's
+    commit; and at most 2 × `concurrency` messages are ever in flight or waiting for their
+    outcome's commit, which bounds what a crash can duplicate.
+    """
+
     def __init__(
         self,
         services: Services,
@@ -94,48 +122,113 @@ class Worker:
         self.transport = transport
         self.policy = retry_policy(settings)
         self.concurrency = concurrency or settings.worker_concurrency
+        self.prefetch = self.concurrency
+        self.max_unsettled = 2 * self.concurrency
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.wakeup = asyncio.Event()
         self._rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._ready: collections.deque[_Ready] = collections.deque()
+        self._progress = asyncio.Event()  # a slot freed, or outcomes committed
+        self._stopping = False
+        self._outcomes: list[Outcome] = []  # waiting for the recorder
+        self._outcome_ready = asyncio.Event()
+        self._unrecorded = 0  # handed to the recorder, not committed yet
+        self._closing_at: float | None = None  # set when the recorder should finish
         self._keys: dict[tuple[str, str], tuple[dkim.DkimKey | None, float]] = {}
 
     # --- the loop ---------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         recorder = asyncio.create_task(self._record_loop())
+        watcher = asyncio.create_task(self._wake_on(stop))
         try:
             while not stop.is_set():
                 await self._fill(stop)
         finally:
+            watcher.cancel()
             await self._drain()
-            recorder.cancel()
-            await asyncio.gather(recorder, return_exceptions=True)
+            self._closing_at = time.monotonic()
+            self._outcome_ready.set()
+            await asyncio.gather(recorder, watcher, return_exceptions=True)
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._progress.set()
+
+    def _room(self) -> int:
+        """How many more messages to claim: free slots plus the claim-ahead buffer."""
+        return self.concurrency + self.prefetch - len(self._inflight) - len(self._ready)
 
     async def _fill(self, stop: asyncio.Event) -> None:
-        capacity = self.concurrency - len(self._inflight)
+        room = self._room()
         # Claim in batches: waiting for a quarter of the slots costs little latency and
-        # saves a claim transaction per message.
-        if self._inflight and capacity < max(1, self.concurrency // 4):
-            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+        # saves a claim transaction per message. Outcomes piling up uncommitted (a slow
+        # database) also pause the claims.
+        busy = bool(self._inflight or self._ready or self._unrecorded)
+        if busy and (
+            room < max(1, self.concurrency // 4) or self._unrecorded >= self.max_unsettled
+        ):
+            self._progress.clear()
+            await self._progress.wait()
             return
+        # Cleared before the claim: a message queued while it runs still wakes the sleep.
+        self.wakeup.clear()
         try:
-            claimed = await queue.claim(self.services.db, capacity, self.lease_ms)
-            suppressed = await self._suppressed(claimed)
+            claimed = await queue.claim(self.services.db, room, self.lease_ms)
         except Exception:
             log.exception("claim_failed")
-            claimed, suppressed = [], set()
-        for message in claimed:
-            flagged = (message.account_id, message.to_addr.lower()) in suppressed
-            task = asyncio.create_task(self._process(message, flagged))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-        if not claimed:
+            claimed = []
+        if claimed:
+            self._ready.extend(await self._look_up(claimed))
+            self._start_ready()
+        else:
             await self._sleep(stop)
 
+    async def _look_up(self, claimed: list[Claimed]) -> list[_Ready]:
+        """The suppression list and the app contacts for a whole claim, in two queries."""
+        start_by = time.monotonic() + self.lease_ms / 2000
+        try:
+            async with self.services.db.read() as conn:
+                pairs = [(m.account_id, m.to_addr) for m in claimed]
+                suppressed = await suppressions.suppressed_among(conn, pairs)
+                listed = [(m.app_pk, m.to_addr) for m in claimed if m.app_pk is not None]
+                contacts = await unsubscribe.memberships(conn, listed)
+        except Exception:
+            log.exception("claim_lookup_failed")  # each message looks itself up
+            return [_Ready(m, None, LOOK_UP, start_by) for m in claimed]
+        ready = []
+        for m in claimed:
+            to_addr = m.to_addr.lower()
+            listing = None if m.app_pk is None else contacts.get((m.app_pk, to_addr))
+            ready.append(_Ready(m, (m.account_id, to_addr) in suppressed, listing, start_by))
+        return ready
+
+    def _start_ready(self) -> None:
+        """Start claimed messages while there are free slots (also called whenever a
+        slot frees, so a slot never waits for the claim loop)."""
+        while (
+            self._ready
+            and not self._stopping
+            and len(self._inflight) < self.concurrency
+            and len(self._inflight) + self._unrecorded < self.max_unsettled
+        ):
+            item = self._ready.popleft()
+            if time.monotonic() > item.start_by:
+                # Held too long (a stalled loop): another worker may reclaim it soon;
+                # the lease runs out and the message is tried again.
+                log.warning("claim_expired_unstarted", message_id=item.message.id)
+                continue
+            task = asyncio.create_task(self._process(item.message, item.suppressed, item.listing))
+            self._inflight.add(task)
+            task.add_done_callback(self._slot_freed)
+
+    def _slot_freed(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._start_ready()
+        self._progress.set()
+
     async def _sleep(self, stop: asyncio.Event) -> None:
-        self.wakeup.clear()
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wakeup.wait())]
         await asyncio.wait(
             waiters, timeout=self.services.settings.poll_interval, return_when="FIRST_COMPLETED"
@@ -145,27 +238,32 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let in-flight transactions finish, within the bound; the rest go back."""
+        self._stopping = True
+        unstarted = [item.message for item in self._ready]
+        self._ready.clear()
+        if unstarted:
+            try:
+                await queue.release(self.services.db, unstarted)
+            except Exception:
+                log.exception("release_failed", messages=len(unstarted))
         if self._inflight:
             _, late = await asyncio.wait(
-                self._inflight, timeout=self.services.settings.shutdown_timeout
+                set(self._inflight), timeout=self.services.settings.shutdown_timeout
             )
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        await self._flush()
 
     # --- one message ------------------------------------------------------------------
 
-    async def _suppressed(self, claimed: list[Claimed]) -> set[tuple[str, str]]:
-        if not claimed:
-            return set()
-        async with self.services.db.read() as conn:
-            pairs = [(m.account_id, m.to_addr) for m in claimed]
-            return await suppressions.suppressed_among(conn, pairs)
-
-    async def _process(self, message: Claimed, suppressed: bool | None = None) -> None:
+    async def _process(
+        self,
+        message: Claimed,
+        suppressed: bool | None = None,
+        listing: unsubscribe.Membership | _Unknown | None = LOOK_UP,
+    ) -> None:
         try:
-            outcome = await self.deliver(message, suppressed)
+            outcome = await self.deliver(message, suppressed, listing)
         except asyncio.CancelledError:
             await queue.release(self.services.db, [message])
             raise
@@ -173,18 +271,27 @@ class Worker:
             log.exception("delivery_step_failed", message_id=message.id)
             return  # the lease runs out and the message is tried again
         self.observe(message, outcome)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._pending.put(_Pending(outcome, done))
-        await done
+        # The slot is free from here on; the lease protects the message until the
+        # recorder commits its outcome.
+        self._outcomes.append(outcome)
+        self._unrecorded += 1
+        self._outcome_ready.set()
 
-    async def deliver(self, message: Claimed, suppressed: bool | None = None) -> Outcome:
-        """`suppressed` comes from the batch lookup at claim time; None: look it up."""
+    async def deliver(
+        self,
+        message: Claimed,
+        suppressed: bool | None = None,
+        listing: unsubscribe.Membership | _Unknown | None = LOOK_UP,
+    ) -> Outcome:
+        """`suppressed` and `listing` come from the batch lookups at claim time; None and
+        LOOK_UP: look them up here."""
         started = now_ms()
         if suppressed is None:
             suppressed = await self.check_suppression(message)
         if suppressed:
             return _no_attempt(message, "suppressed", "recipient is on the suppression list")
-        listing = await self.list_membership(message)
+        if listing is LOOK_UP:
+            listing = await self.list_membership(message)
         if listing is not None and listing.status == Status.UNSUBSCRIBED.value:
             return _no_attempt(message, "suppressed", "recipient unsubscribed from this list")
         try:
@@ -239,8 +346,9 @@ class Worker:
         key = await self._signing_key(message.account_id, _domain_of(message.from_addr))
         if key is None:
             return data
-        # OpenSSL releases the GIL while signing: a thread gives the second core work.
-        header = await asyncio.to_thread(dkim.sign, data, key, int(time.time()))
+        # In the process's signing threads (OpenSSL releases the GIL: the second core gets
+        # work), which run below the event loop's priority.
+        header = await dkim.sign_in_pool(data, key, int(time.time()))
         return header + data
 
     async def send(self, message: Claimed, data: bytes) -> DeliveryResult:
@@ -314,36 +422,58 @@ class Worker:
     # --- recording --------------------------------------------------------------------
 
     async def _record_loop(self) -> None:
+        """Commit outcomes in batches until the worker stops and every outcome is in."""
         while True:
-            batch = [await self._pending.get()]
-            await self._commit(batch)
+            if not self._outcomes:
+                if self._closing_at is not None:
+                    return
+                self._outcome_ready.clear()
+                await self._outcome_ready.wait()
+                continue
+            batch = self._outcomes[:_RECORD_BATCH]
+            del self._outcomes[:_RECORD_BATCH]
+            try:
+                await self._commit(batch)
+            finally:
+                self._unrecorded -= len(batch)
+                self._progress.set()
+                self._start_ready()
 
-    async def _flush(self) -> None:
-        while not self._pending.empty():
-            await self._commit([])
-
-    async def _commit(self, batch: list[_Pending]) -> None:
-        while not self._pending.empty() and len(batch) < _RECORD_BATCH:
-            batch.append(self._pending.get_nowait())
-        if not batch:
-            return
+    async def _commit(self, batch: list[Outcome]) -> None:
         while True:
             try:
-                recorded = set(await queue.finish(self.services.db, [p.outcome for p in batch]))
+                recorded = set(await queue.finish(self.services.db, batch))
                 break
             except Exception:
                 # Never drop an outcome: the database may be briefly locked or restarting.
                 log.exception("record_failed", batch=len(batch))
+                if self._gave_up(batch):
+                    return
                 await asyncio.sleep(1)
-        for pending in batch:
-            if pending.outcome.message_id not in recorded:
-                log.warning("lease_lost", message_id=pending.outcome.message_id)
-            if not pending.done.done():
-                pending.done.set_result(None)
+        for outcome in batch:
+            if outcome.message_id not in recorded:
+                log.warning("lease_lost", message_id=outcome.message_id)
+
+    def _gave_up(self, batch: list[Outcome]) -> bool:
+        """Stopping, and the database stayed unavailable past the shutdown bound: the
+        leases run out and these messages are tried again (at least once)."""
+        closing = self._closing_at
+        if closing is None:
+            return False
+        if time.monotonic() - closing < self.services.settings.shutdown_timeout:
+            return False
+        log.error("outcomes_not_recorded", messages=[o.message_id for o in batch])
+        return True
 
 
 def _domain_of(address: str) -> str:
-    return normalise_domain(address.rpartition("@")[2])
+    return _normalised(address.rpartition("@")[2])
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised(domain: str) -> str:
+    # IDNA encoding on every message was ~1 % of a delivery's CPU; senders' domains repeat.
+    return normalise_domain(domain)
 
 
 def _no_attempt(message: Claimed, status: str, text: str) -> Outcome:
