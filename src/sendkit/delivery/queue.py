@@ -140,10 +140,10 @@ SET status = v.status, next_attempt_at = v.next_at, lease_token = NULL,
     lease_expires_at = NULL, last_code = v.code, last_text = v.text, updated_at = :now,
     attempts = messages.attempts + v.attempted
 FROM (
-    SELECT value ->> '$.id' AS id, value ->> '$.token' AS token,
-           value ->> '$.status' AS status, value ->> '$.next_at' AS next_at,
-           value ->> '$.code' AS code, value ->> '$.text' AS text,
-           value ->> '$.attempted' AS attempted
+    SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.token') AS token,
+           json_extract(value, '$.status') AS status, json_extract(value, '$.next_at') AS next_at,
+           json_extract(value, '$.code') AS code, json_extract(value, '$.text') AS text,
+           json_extract(value, '$.attempted') AS attempted
     FROM json_each(:rows)
 ) AS v
 WHERE messages.id = v.id AND messages.lease_token = v.token
