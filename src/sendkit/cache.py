@@ -48,9 +48,10 @@ class TtlCache:
             try:
                 return await asyncio.shield(pending)
             except asyncio.CancelledError:
-                if not pending.cancelled():
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
                     raise  # this caller was cancelled
-                # the loading caller was cancelled: load here instead
+                # only the loading caller was cancelled: load here instead
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         generation = self._generation
@@ -64,7 +65,8 @@ class TtlCache:
             future.exception()  # retrieved: waiters re-raise it, nobody else must log it
             raise
         finally:
-            self._loading.pop(key, None)
+            if self._loading.get(key) is future:  # not a newer load after a clear()
+                del self._loading[key]
         if generation == self._generation:  # a clear() during the load makes it stale
             self.put(key, value)
         future.set_result(value)

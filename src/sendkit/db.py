@@ -7,8 +7,9 @@ index and serialise the same way everywhere, and the API's `ts` is milliseconds 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,6 +450,7 @@ class Database:
         except OSError as exc:
             # No lock file (read-only or full disk): SQLite's own locking still holds.
             log.warning("writer_lock_unavailable", error=str(exc))
+            self._file_lock.close()
             self._file_lock = None
             return False
         return True
@@ -464,7 +466,7 @@ class Database:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append(_Write(fn, future, savepoint))
         if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_groups())
+            self._committer = _background(self._commit_groups())
         return await future
 
     async def write_batch(self, handler: BatchFn[P], payload: P) -> Any:
@@ -473,7 +475,7 @@ class Database:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(_Write(None, future, False, handler, payload))
         if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_groups())
+            self._committer = _background(self._commit_groups())
         return await future
 
     async def _commit_groups(self) -> None:
@@ -521,6 +523,12 @@ class Database:
         await self.engine.dispose()
         if self._file_lock is not None:
             self._file_lock.close()
+
+
+def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    # A fresh context: the committer serves every request, not the one that started it
+    # (its log lines must not carry that request's id).
+    return asyncio.create_task(coro, context=contextvars.Context())
 
 
 async def _run_batch(

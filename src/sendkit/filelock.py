@@ -3,8 +3,8 @@ command, `sendkit worker`).
 
 SQLite would serialise them itself, but its busy handler sleeps and retries (1, 2, 5 …
 100 ms), which puts whole sleeps into the API's latency. An `flock` waiter is woken by
-the kernel the moment the holder lets go. The wait happens in a thread of its own (not
-the default executor, which DKIM signing keeps busy), so the event loop goes on serving.
+the kernel the moment the holder lets go. The wait happens in a daemon thread (it must
+never hold up the interpreter's exit), so the event loop goes on serving.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 
 from sendkit.errors import ServiceUnavailable
@@ -20,52 +20,98 @@ from sendkit.errors import ServiceUnavailable
 
 class WriterLock:
     """Held by at most one transaction of one process at a time; callers in one process
-    are serialised before they get here (Database's asyncio lock)."""
+    are serialised before they get here (Database's asyncio lock).
+
+    A caller that gives up (timeout or cancelled) leaves its wait running: the next
+    caller takes it over, and if nobody does by the time it gets the lock, the lock is
+    handed straight back. Two waits never run at once on the one descriptor, since flock
+    locks belong to the descriptor: a second one would succeed while the first holds it.
+    """
 
     def __init__(self, path: Path, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
         self._fd: int | None = None
-        self._waiter: ThreadPoolExecutor | None = None
+        self._wait: asyncio.Future[None] | None = None
+        self._abandoned = False
 
     def _descriptor(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:
+                # Created by another user (a root CLI run): flock works on any descriptor.
+                self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
     async def acquire(self) -> None:
         fd = self._descriptor()
+        if self._wait is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # uncontended: no thread
+            except BlockingIOError:
+                pass
+            self._wait = self._start_wait(fd)
+        wait = self._wait
+        self._abandoned = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return  # uncontended: no thread
-        except BlockingIOError:
-            pass
-        if self._waiter is None:
-            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="sendkit-writer-lock")
-        loop = asyncio.get_running_loop()
-        waiting = loop.run_in_executor(self._waiter, fcntl.flock, fd, fcntl.LOCK_EX)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiting), self.timeout)
-        except TimeoutError:
-            waiting.add_done_callback(self._release_if_acquired)
-            raise ServiceUnavailable() from None
-        except asyncio.CancelledError:
-            waiting.add_done_callback(self._release_if_acquired)
+            await asyncio.wait_for(asyncio.shield(wait), self.timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if _succeeded(wait):  # got it at the same moment: ours to keep or give back
+                self._wait = None
+                if isinstance(exc, TimeoutError):
+                    return
+                self.release()
+                raise
+            self._abandoned = True
+            if isinstance(exc, TimeoutError):
+                raise ServiceUnavailable() from None
             raise
+        self._wait = None  # done, and the lock is ours (a failed wait raised above)
 
-    def _release_if_acquired(self, waiting: asyncio.Future[None]) -> None:
-        # The caller gave up, but the thread may still get the lock: hand it straight back.
-        if not waiting.cancelled() and waiting.exception() is None:
-            self.release()
+    def _start_wait(self, fd: int) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        wait: asyncio.Future[None] = loop.create_future()
+
+        def block() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                loop.call_soon_threadsafe(_settle, wait, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, wait, None)
+
+        wait.add_done_callback(self._wait_done)
+        threading.Thread(target=block, name="sendkit-writer-lock", daemon=True).start()
+        return wait
+
+    def _wait_done(self, wait: asyncio.Future[None]) -> None:
+        if self._wait is not wait or not self._abandoned:
+            return  # a caller is awaiting it and now holds the lock
+        self._wait = None
+        self._abandoned = False
+        if _succeeded(wait):
+            self.release()  # nobody took it over: hand it straight back
 
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        if self._waiter is not None:
-            self._waiter.shutdown(wait=False, cancel_futures=True)
-            self._waiter = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _succeeded(wait: asyncio.Future[None]) -> bool:
+    return wait.done() and not wait.cancelled() and wait.exception() is None
+
+
+def _settle(wait: asyncio.Future[None], error: OSError | None) -> None:
+    if wait.done():
+        return
+    if error is None:
+        wait.set_result(None)
+    else:
+        wait.set_exception(error)

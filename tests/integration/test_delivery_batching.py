@@ -354,3 +354,68 @@ async def test_sandbox_copies_are_kept_in_groups(tmp_path: Path, database_url: s
         assert await raw_message(services.db, "0" * 32) is None
     finally:
         await services.close()
+
+
+async def test_a_stale_and_a_current_outcome_of_one_message_record_only_the_current(
+    tmp_path: Path, database_url: str
+) -> None:
+    services = build_services(tmp_path, database_url, workers=False)
+    try:
+        tenant = await make_tenant(services)
+        (message_id,) = await enqueue(services, tenant.account_id, 1)
+        (stale,) = await queue.claim(services.db, 1, lease_ms=1)
+        await asyncio.sleep(0.01)
+        (current,) = await queue.claim(services.db, 1, lease_ms=60_000)
+        assert stale.id == current.id == message_id
+        # The first worker's commit stalled past its lease: both land in one batch.
+        await queue.finish(services.db, [outcome(stale, "bounced"), outcome(current, "delivered")])
+
+        assert await status_of(services, message_id) == "delivered"
+        tried = await rows(services, sa.select(attempts.c.outcome))
+        assert [r.outcome for r in tried] == ["delivered"]
+        kinds = await rows(services, sa.select(events.c.type).order_by(events.c.id))
+        assert [r.type for r in kinds] == ["queued", "delivered"]
+        assert await rows(services, sa.select(suppressions.c.email_lower)) == []
+    finally:
+        await services.close()
+
+
+async def test_reply_text_that_is_not_valid_unicode_is_recorded(
+    tmp_path: Path, database_url: str
+) -> None:
+    services = build_services(tmp_path, database_url, workers=False)
+    try:
+        tenant = await make_tenant(services)
+        ids = await enqueue(services, tenant.account_id, 3)
+        claimed = await queue.claim(services.db, 3, lease_ms=60_000)
+        # aiosmtplib keeps a reply's undecodable bytes as lone surrogates (here a Latin-1
+        # é from a remote server); no JSON encoder takes them.
+        garbled = "550 5.1.1 utilisateur inconnu: caf\udce9\x00"
+        batch = [outcome(c, "bounced", text=garbled) for c in claimed]
+        assert sorted(await queue.finish(services.db, batch)) == sorted(ids)
+        found = await messages.find(services.db, ids[0])
+        assert found is not None
+        assert found["last_text"] == "550 5.1.1 utilisateur inconnu: caf?"
+    finally:
+        await services.close()
+
+
+async def test_an_outcome_the_database_refuses_does_not_hold_back_the_others(
+    tmp_path: Path, database_url: str
+) -> None:
+    services = build_services(tmp_path, database_url, workers=False)
+    worker = Worker(services, SandboxTransport(services.db), concurrency=4)
+    try:
+        tenant = await make_tenant(services)
+        ids = await enqueue(services, tenant.account_id, 4)
+        claimed = await queue.claim(services.db, 4, lease_ms=60_000)
+        good = [outcome(c, "delivered") for c in claimed[:3]]
+        # No database stores this event's data: the retry loop must not spin on it.
+        bad = outcome(claimed[3], "delivered", host="\udcff" * 3, text="")
+        await asyncio.wait_for(worker._commit([*good, bad]), 10)
+
+        statuses = {i: await status_of(services, i) for i in ids}
+        assert [statuses[c.id] for c in claimed[:3]] == ["delivered"] * 3
+        assert statuses[claimed[3].id] == "sending"  # left to its lease
+    finally:
+        await services.close()

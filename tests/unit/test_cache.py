@@ -74,3 +74,18 @@ async def test_ttl_zero_caches_nothing() -> None:
     await cache.get_or_load("k", load)
     await cache.get_or_load("k", load)
     assert load.calls == 2
+
+
+async def test_a_load_started_after_a_clear_stays_shared() -> None:
+    cache, old, new = TtlCache(60), Loader("old"), Loader("new")
+    first = asyncio.create_task(cache.get_or_load("k", old))
+    await asyncio.sleep(0)
+    cache.clear()
+    second = asyncio.create_task(cache.get_or_load("k", new))
+    await asyncio.sleep(0)
+    old.release.set()
+    assert await first == "old"
+    third = asyncio.create_task(cache.get_or_load("k", Loader("unused")))
+    await asyncio.sleep(0)
+    new.release.set()
+    assert await second == await third == "new"

@@ -1,9 +1,12 @@
-"""WriterLock: the SQLite writer's lock between processes (one open file each; flock
-locks of two descriptors conflict even within one process, which these tests use)."""
+"""WriterLock: the SQLite writer's lock between processes. flock locks belong to the open
+file description, so two WriterLocks on one path in one process stand for two processes;
+one WriterLock used by successive callers is one process (as Database uses it)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +14,20 @@ import pytest
 
 from sendkit.errors import ServiceUnavailable
 from sendkit.filelock import WriterLock
+
+
+def held_elsewhere(path: Path) -> bool:
+    """Could a third process take the lock right now?"""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 async def test_a_waiter_gets_the_lock_as_soon_as_it_is_released(tmp_path: Path) -> None:
@@ -30,31 +47,51 @@ async def test_a_waiter_gets_the_lock_as_soon_as_it_is_released(tmp_path: Path) 
     second.close()
 
 
-async def test_a_timed_out_waiter_answers_503_and_hands_a_late_lock_back(tmp_path: Path) -> None:
+async def test_a_timed_out_wait_hands_a_late_lock_back(tmp_path: Path) -> None:
     path = tmp_path / "db.writer-lock"
-    holder, late, third = WriterLock(path, 5), WriterLock(path, 0.2), WriterLock(path, 2)
-    await holder.acquire()
+    other, ours = WriterLock(path, 5), WriterLock(path, 0.2)
+    await other.acquire()
     with pytest.raises(ServiceUnavailable):
-        await late.acquire()
-    holder.release()
-    # The timed-out waiter's thread got the lock after all and must have let it go.
-    await third.acquire()
-    third.release()
-    for lock in (holder, late, third):
-        lock.close()
+        await ours.acquire()
+    other.release()
+    await asyncio.sleep(0.2)
+    # Our abandoned wait got the lock after all, and nobody took it over: given back.
+    assert not held_elsewhere(path)
+    other.close()
+    ours.close()
 
 
-async def test_a_cancelled_waiter_hands_a_late_lock_back(tmp_path: Path) -> None:
+async def test_the_next_caller_takes_over_a_timed_out_wait(tmp_path: Path) -> None:
     path = tmp_path / "db.writer-lock"
-    holder, cancelled, third = WriterLock(path, 5), WriterLock(path, 5), WriterLock(path, 2)
-    await holder.acquire()
-    waiting = asyncio.create_task(cancelled.acquire())
+    other, ours = WriterLock(path, 5), WriterLock(path, 0.2)
+    await other.acquire()
+    with pytest.raises(ServiceUnavailable):
+        await ours.acquire()
+    ours.timeout = 5
+    taking_over = asyncio.create_task(ours.acquire())
+    await asyncio.sleep(0.1)
+    assert not taking_over.done()
+    other.release()
+    await taking_over
+    await asyncio.sleep(0.1)  # the old wait's completion must not unlock it
+    assert held_elsewhere(path), "the lock was lost to another process"
+    ours.release()
+    assert not held_elsewhere(path)
+    other.close()
+    ours.close()
+
+
+async def test_a_cancelled_wait_hands_a_late_lock_back(tmp_path: Path) -> None:
+    path = tmp_path / "db.writer-lock"
+    other, ours = WriterLock(path, 5), WriterLock(path, 5)
+    await other.acquire()
+    waiting = asyncio.create_task(ours.acquire())
     await asyncio.sleep(0.1)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    holder.release()
-    await third.acquire()
-    third.release()
-    for lock in (holder, cancelled, third):
-        lock.close()
+    other.release()
+    await asyncio.sleep(0.2)
+    assert not held_elsewhere(path)
+    other.close()
+    ours.close()

@@ -192,6 +192,28 @@ async def record(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[str
     """Record a batch of outcomes in the caller's transaction, each fenced by its lease
     token: the status, the attempt, a bounce's suppression, the event and its webhooks.
     Returns the ids recorded (in the order given); a fenced-out outcome leaves no trace."""
+    recorded: list[str] = []
+    for round_ in _rounds(outcomes):
+        recorded += await _record_round(conn, round_)
+    return recorded
+
+
+def _rounds(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:
+    """Rounds in which each message appears once. A stale outcome and the current one of
+    the same message can share a batch (a commit stalled past the lease); in separate
+    rounds the fence sees the first one's effect, and the rows a round's UPDATE returns
+    (SQLite's RETURNING sees only the updated table) name one outcome each."""
+    rounds: list[list[Outcome]] = []
+    seen: dict[str, int] = {}
+    for outcome in outcomes:
+        index = seen[outcome.message_id] = seen.get(outcome.message_id, -1) + 1
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(outcome)
+    return rounds
+
+
+async def _record_round(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[str]:
     owned: dict[str, tuple[str, str]] = {}
     for start in range(0, len(outcomes), _FINISH_CHUNK):
         owned.update(await _update_fenced(conn, outcomes[start : start + _FINISH_CHUNK]))
@@ -222,7 +244,8 @@ async def record(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[str
 async def _update_fenced(
     conn: AsyncConnection, outcomes: Sequence[Outcome]
 ) -> dict[str, tuple[str, str]]:
-    """message id -> (account id, recipient) for the outcomes whose lease was ours."""
+    """message id -> (account id, recipient) for the outcomes whose lease was ours (ids
+    are unique within a round)."""
     rows = orjson.dumps(
         [
             {
@@ -259,7 +282,7 @@ def _event_entry(
     data = {
         "email": to_addr,
         "code": outcome.code,
-        "text": outcome.text[:500],
+        "text": _text(outcome.text, 500),
         "host": outcome.host,
         "nextAttemptAt": outcome.next_attempt_at,
     }
@@ -267,8 +290,13 @@ def _event_entry(
 
 
 def _text(value: str, limit: int) -> str:
-    # PostgreSQL text (and its JSON) cannot hold NUL; a garbled reply must not stop a batch.
-    return value[:limit].replace("\x00", "")
+    # A remote reply is the remote's bytes: aiosmtplib keeps undecodable ones as lone
+    # surrogates (which no JSON encoder takes), and PostgreSQL text cannot hold NUL. A
+    # garbled reply must not stop a batch.
+    cut = value[:limit]
+    if cut.isascii():
+        return cut.replace("\x00", "")
+    return cut.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
 
 
 _RELEASE = (

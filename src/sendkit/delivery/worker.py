@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import functools
 import random
 import time
 from dataclasses import dataclass
 from enum import Enum
+
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sendkit import dkim, domains, logs, mime, suppressions, unsubscribe
 from sendkit.addresses import normalise_domain
@@ -36,6 +39,7 @@ from sendkit.delivery.transports import (
     Transport,
 )
 from sendkit.delivery.transports import Outcome as Kind
+from sendkit.errors import ServiceUnavailable
 from sendkit.services import Services
 
 log = logs.get("sendkit.worker")
@@ -444,7 +448,10 @@ class Worker:
             try:
                 recorded = set(await queue.finish(self.services.db, batch))
                 break
-            except Exception:
+            except Exception as exc:
+                if not _transient(exc):
+                    await self._commit_apart(batch, exc)
+                    return
                 # Never drop an outcome: the database may be briefly locked or restarting.
                 log.exception("record_failed", batch=len(batch))
                 if self._gave_up(batch):
@@ -453,6 +460,24 @@ class Worker:
         for outcome in batch:
             if outcome.message_id not in recorded:
                 log.warning("lease_lost", message_id=outcome.message_id)
+
+    async def _commit_apart(self, batch: list[Outcome], exc: Exception) -> None:
+        """One outcome the database refuses must not hold the others back (retrying the
+        same batch forever would stop the worker): halve until it is alone, then record
+        it without its reply text, or leave it to its lease."""
+        if len(batch) > 1:
+            half = len(batch) // 2
+            await self._commit(batch[:half])
+            await self._commit(batch[half:])
+            return
+        (outcome,) = batch
+        if outcome.text:
+            log.error(
+                "outcome_unrecordable", message_id=outcome.message_id, error=type(exc).__name__
+            )
+            await self._commit([dataclasses.replace(outcome, text="(reply not recordable)")])
+            return
+        log.error("outcome_dropped", message_id=outcome.message_id, error=type(exc).__name__)
 
     def _gave_up(self, batch: list[Outcome]) -> bool:
         """Stopping, and the database stayed unavailable past the shutdown bound: the
@@ -464,6 +489,12 @@ class Worker:
             return False
         log.error("outcomes_not_recorded", messages=[o.message_id for o in batch])
         return True
+
+
+def _transient(exc: BaseException) -> bool:
+    """A database that is locked, full, restarting or unreachable: worth the same batch
+    again. Anything else (a value it refuses) would fail again."""
+    return isinstance(exc, ServiceUnavailable | OperationalError | InterfaceError | OSError)
 
 
 def _domain_of(address: str) -> str:

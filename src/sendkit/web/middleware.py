@@ -52,14 +52,15 @@ class RequestContext:
 
         bound = logs.bind_request(request_id)
         try:
-            try:
-                await self.app(scope, receive, send_with_headers)
-            except Exception:
-                log.exception("unhandled_error", method=scope["method"], path=scope["path"])
-                if not status["sent"]:
-                    err = SendKitError()
-                    response = envelope.error(request_id, err.status, err.code, err.message)
-                    await response(scope, receive, send_with_headers)
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled_error", method=scope["method"], path=scope["path"])
+            if not status["sent"]:
+                err = SendKitError()
+                response = envelope.error(request_id, err.status, err.code, err.message)
+                await response(scope, receive, send_with_headers)
+        finally:
+            # Also for a request cancelled midway (the client went away): counted, logged.
             seconds = time.perf_counter() - started
             observe_request(scope, status["code"], seconds)
             log.info(
@@ -69,5 +70,4 @@ class RequestContext:
                 status=status["code"],
                 duration_ms=round(seconds * 1000, 2),
             )
-        finally:
             logs.unbind_request(bound)
