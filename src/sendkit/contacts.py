@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import sqlalchemy as sa
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import apps
 from sendkit.addresses import parse_mailbox
 from sendkit.db import Database, contacts, now_ms
 from sendkit.errors import NotFound
+
+T = TypeVar("T")
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 500
@@ -149,11 +158,51 @@ class SaveContact(BaseModel):
     @field_validator("emailAddress")
     @classmethod
     def _email(cls, value: str) -> str:
-        return parse_mailbox(value).address if "<" not in value else _reject_named(value)
+        return _bare_address(value) if "<" not in value else _reject_named(value)
 
 
 def _reject_named(_value: str) -> str:
     raise ValueError("must be a bare email address")
+
+
+# Validating an address costs ~50 us, most of it the domain's IDNA checks: a CSV import of
+# a million rows spent more time there than anywhere else. A plain ASCII address whose
+# domain was found valid before is put together without asking again.
+_PLAIN_ADDRESS = re.compile(
+    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)@([A-Za-z0-9.-]+)"
+)
+_VALID_DOMAINS: dict[str, str] = {}  # domain as written -> as normalised; ASCII only
+_MAX_VALID_DOMAINS = 4096
+_MAX_ADDRESS = 254  # RFC 5321, as email_validator counts it
+
+
+def _bare_address(value: str) -> str:
+    """`parse_mailbox(value).address`: the same answer, or the same ValueError.
+
+    The shortcut holds because email_validator checks an RFC 5322 dot-atom local part
+    (what `_PLAIN_ADDRESS` matches) by that pattern alone, the domain apart from the local
+    part, and then the whole length; anything else (quotes, Unicode, role names it lower-
+    cases, a domain not seen yet) goes the whole way. A full answer that differs from the
+    shortcut's would-be answer is not remembered."""
+    plain = _PLAIN_ADDRESS.fullmatch(value)
+    if plain is not None:
+        local, written = plain.groups()
+        domain = _VALID_DOMAINS.get(written)
+        if (
+            domain is not None
+            and len(local) + 1 + max(len(written), len(domain)) <= _MAX_ADDRESS
+            and local.lower() not in CASE_INSENSITIVE_MAILBOX_NAMES
+        ):
+            return f"{local}@{domain}"
+    mailbox = parse_mailbox(value)
+    if plain is not None:
+        local, written = plain.groups()
+        domain = mailbox.ascii_domain
+        if mailbox.address == f"{local}@{domain}" and domain.isascii():
+            if len(_VALID_DOMAINS) >= _MAX_VALID_DOMAINS:
+                _VALID_DOMAINS.clear()
+            _VALID_DOMAINS[written] = domain
+    return mailbox.address
 
 
 class ContactQuery(BaseModel):
@@ -174,8 +223,11 @@ class ContactKey(BaseModel):
 def _data_values(data: ContactData | None) -> dict[str, Any]:
     if data is None:
         return {}
-    given = data.model_dump(exclude_unset=True)
-    return {DATA_FIELDS[k]: (_EMPTY[DATA_FIELDS[k]] if v is None else v) for k, v in given.items()}
+    values = {}
+    for name in data.model_fields_set:  # what the request gave: model_dump(exclude_unset)
+        column, value = DATA_FIELDS[name], getattr(data, name)
+        values[column] = _EMPTY[column] if value is None else value
+    return values
 
 
 async def save(db: Database, account_id: str, request: SaveContact) -> bool:
@@ -208,14 +260,8 @@ async def save(db: Database, account_id: str, request: SaveContact) -> bool:
             # Created concurrently by another request: that one wins, ours merges.
             await conn.execute(contacts.update().where(*key).values(updated_at=now, **values))
             return False
+        await apps.contacts_changed(conn, app.pk, added=1)
     return True
-
-
-def to_api(row: Any) -> dict[str, Any]:
-    item: dict[str, Any] = {"emailAddress": row.email, "status": row.status}
-    for api_name, column in DATA_FIELDS.items():
-        item[api_name] = getattr(row, column)
-    return item
 
 
 _LIST_COLUMNS = [
@@ -223,23 +269,25 @@ _LIST_COLUMNS = [
     contacts.c.status,
     *(contacts.c[c] for c in DATA_FIELDS.values()),
 ]
+_API_NAMES = ("emailAddress", "status", *DATA_FIELDS)  # in the order of _LIST_COLUMNS
+
+
+def to_api(row: Any) -> dict[str, Any]:
+    """The API's item for a row that ends with `_LIST_COLUMNS` (a page of 500 is built in
+    well under a millisecond this way; by attribute names it took several)."""
+    return dict(zip(_API_NAMES, row[-len(_API_NAMES) :], strict=True))
 
 
 async def list_page(db: Database, account_id: str, query: ContactQuery) -> dict[str, Any]:
-    async with db.read() as conn:
+    async with _snapshot(db) as conn:
         app = await apps.resolve(conn, account_id, query.appId)
-        total = await conn.scalar(
-            sa.select(sa.func.count()).select_from(contacts).where(contacts.c.app_pk == app.pk)
-        )
-        rows = await conn.execute(
-            sa.select(*_LIST_COLUMNS)
-            .where(contacts.c.app_pk == app.pk)
-            .order_by(contacts.c.id)
-            .limit(query.pageSize)
-            .offset((query.page - 1) * query.pageSize)
-        )
-        items = [to_api(r) for r in rows]
-    return {"total": total or 0, "page": query.page, "pageSize": query.pageSize, "list": items}
+        items = await _page(db, conn, app, _LIST_COLUMNS, query.page, query.pageSize, to_api)
+    return {
+        "total": app.contact_count,
+        "page": query.page,
+        "pageSize": query.pageSize,
+        "list": items,
+    }
 
 
 async def delete(db: Database, account_id: str, key: ContactKey) -> None:
@@ -253,6 +301,148 @@ async def delete(db: Database, account_id: str, key: ContactKey) -> None:
         )
         if result.rowcount == 0:
             raise NotFound("Bad request parameters: contact not found for 'emailAddress'")
+        await apps.contacts_changed(conn, app.pk, removed=result.rowcount)
+
+
+# --- pages without big OFFSETs ----------------------------------------------------------
+#
+# A page is the app's contacts in id (creation) order from position (page-1)*pageSize.
+# `OFFSET` walks every contact before that position (90 ms for the last of 2,000 pages of
+# 500 on SQLite), so each process keeps, per app, the id at every `_MARK_EVERY`-th
+# position (`_Marks`) and starts the page at the nearest one: `id >= mark` with an
+# `OFFSET` below `_MARK_EVERY`. The result is the same as the plain `OFFSET`.
+#
+# The marks describe the app's contacts as of (`apps.contact_count`,
+# `apps.contacts_deleted`); every insert and delete changes that pair in its own
+# transaction (`apps.contacts_changed`), so another process's change is seen at the next
+# request. Marks are rebuilt in one statement after a deletion (for a million contacts:
+# ~0.1 s on SQLite, ~0.3 s on PostgreSQL before the table is vacuumed), and extended by
+# the new tail (a few ms) when contacts were only appended since. Pages within the first
+# `_MARK_EVERY` contacts need no marks.
+
+_MARK_EVERY = 1000
+_MARKED_APPS = 16  # apps whose marks a process keeps (1,000 ints per million contacts)
+
+
+@dataclass(frozen=True)
+class _Marks:
+    count: int  # the app's contact_count and contacts_deleted these marks describe
+    deleted: int
+    ids: list[int]  # ids[j] is the id at position j * _MARK_EVERY
+    last: int | None  # the largest id
+
+    def fit(self, app: apps.App) -> bool:
+        return self.count == app.contact_count and self.deleted == app.contacts_deleted
+
+
+_marks: weakref.WeakKeyDictionary[Database, OrderedDict[str, _Marks]] = weakref.WeakKeyDictionary()
+
+# The id at every _MARK_EVERY-th position from :start (inclusive), each found by skipping
+# _MARK_EVERY entries of the (app_pk, id) index from the previous one.
+_WALK = sa.text(
+    "WITH RECURSIVE marks(id) AS ("
+    " SELECT CAST(:start AS BIGINT)"
+    " UNION ALL"
+    " SELECT (SELECT c.id FROM contacts AS c WHERE c.app_pk = :app AND c.id >= marks.id"
+    " ORDER BY c.id LIMIT 1 OFFSET :step)"
+    " FROM marks WHERE marks.id IS NOT NULL"
+    ") SELECT id FROM marks WHERE id IS NOT NULL"
+)
+
+
+@asynccontextmanager
+async def _snapshot(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A read whose statements all see one snapshot, so the app's count and the page
+    agree (SQLite's read transactions already do; PostgreSQL's default does not)."""
+    async with db.read() as conn:
+        if not db.is_sqlite:
+            await conn.execution_options(isolation_level="REPEATABLE READ")
+            # These reads walk the (app_pk, id) index in order and stop early. Without
+            # statistics (a fresh import, autovacuum off or behind) PostgreSQL estimates a
+            # few hundred contacts per app and prefers a bitmap scan that reads every
+            # contact of the app and sorts them: 0.5 s for a page, minutes for the marks.
+            await conn.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
+        yield conn
+
+
+async def _page(
+    db: Database,
+    conn: AsyncConnection,
+    app: apps.App,
+    columns: list[Any],
+    page: int,
+    size: int,
+    item: Callable[[Any], T],
+) -> list[T]:
+    """`item(row)` for rows `(page-1)*size` onwards of the app's contacts in id order
+    (read with `app`). Each row is converted as it is fetched, so the page's rows are not
+    all alive at once (fewer objects reach the garbage collector's oldest generation,
+    whose passes, ~0.1 s, are the slowest requests)."""
+    offset = (page - 1) * size
+    if offset >= app.contact_count:
+        return []
+    where = [contacts.c.app_pk == app.pk]
+    if offset >= _MARK_EVERY:
+        marks = await _marks_of(db, conn, app)
+        if offset // _MARK_EVERY >= len(marks.ids):  # only if the count were wrong
+            return []
+        where.append(contacts.c.id >= marks.ids[offset // _MARK_EVERY])
+        offset %= _MARK_EVERY
+    rows = await conn.execute(
+        sa.select(*columns).where(*where).order_by(contacts.c.id).limit(size).offset(offset)
+    )
+    return [item(row) for row in rows]
+
+
+async def _marks_of(db: Database, conn: AsyncConnection, app: apps.App) -> _Marks:
+    cache = _marks.setdefault(db, OrderedDict())
+    marks = cache.get(app.pk)
+    if marks is None or not marks.fit(app):
+        built = await _build_marks(conn, app, marks)
+        current = cache.get(app.pk)  # another request may have built newer ones meanwhile
+        if current is None or current.count + current.deleted <= built.count + built.deleted:
+            cache[app.pk] = built
+        marks = built
+    if app.pk in cache:
+        cache.move_to_end(app.pk)
+    while len(cache) > _MARKED_APPS:
+        cache.popitem(last=False)
+    return marks
+
+
+async def _build_marks(conn: AsyncConnection, app: apps.App, old: _Marks | None) -> _Marks:
+    """The marks of `app` as read; from `old` when contacts were only appended since."""
+    mine = contacts.c.app_pk == app.pk
+    if (
+        old is not None
+        and old.ids
+        and old.last is not None
+        and old.deleted == app.contacts_deleted
+        and old.count < app.contact_count
+    ):
+        # No deletion since; if every insertion has an id above the old last one (ids
+        # from another process's transaction could commit out of order), the old marks
+        # keep their positions and only the tail is walked again.
+        added, last = (
+            await conn.execute(
+                sa.select(sa.func.count(), sa.func.max(contacts.c.id)).where(
+                    mine, contacts.c.id > old.last
+                )
+            )
+        ).one()
+        if added == app.contact_count - old.count:
+            tail = await conn.scalars(
+                _WALK, {"start": old.ids[-1], "app": app.pk, "step": _MARK_EVERY}
+            )
+            return _Marks(app.contact_count, app.contacts_deleted, old.ids[:-1] + list(tail), last)
+    first = await conn.scalar(sa.select(contacts.c.id).where(mine).order_by(contacts.c.id).limit(1))
+    if first is None:
+        return _Marks(app.contact_count, app.contacts_deleted, [], None)
+    ids = list(await conn.scalars(_WALK, {"start": first, "app": app.pk, "step": _MARK_EVERY}))
+    last = await conn.scalar(
+        sa.select(contacts.c.id).where(mine).order_by(contacts.c.id.desc()).limit(1)
+    )
+    return _Marks(app.contact_count, app.contacts_deleted, ids, last)
 
 
 # --- the dashboard's views of an app's contacts -----------------------------------------
@@ -271,6 +461,10 @@ class ContactSearch(BaseModel):
 
 def _escape_like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _search_item(row: Any) -> dict[str, Any]:
+    return to_api(row) | {"id": row.id, "updatedAt": row.updated_at}
 
 
 def _search_where(app_pk: str, search: ContactSearch) -> list[Any]:
@@ -295,23 +489,28 @@ async def search(
 ) -> dict[str, Any]:
     """A page of matching contacts in creation order, each with its `id`; `total` counts
     the matches and `appTotal` the app's contacts."""
-    async with db.read() as conn:
+    columns = [contacts.c.id, contacts.c.updated_at, *_LIST_COLUMNS]
+    async with _snapshot(db) as conn:
         app = await apps.resolve(conn, account_id, app_id)
-        where = _search_where(app.pk, search)
-        count = sa.select(sa.func.count()).select_from(contacts)
-        total = await conn.scalar(count.where(*where))
-        app_total = await conn.scalar(count.where(contacts.c.app_pk == app.pk))
-        rows = await conn.execute(
-            sa.select(contacts.c.id, contacts.c.updated_at, *_LIST_COLUMNS)
-            .where(*where)
-            .order_by(contacts.c.id)
-            .limit(search.pageSize)
-            .offset((search.page - 1) * search.pageSize)
-        )
-        items = [to_api(r) | {"id": r.id, "updatedAt": r.updated_at} for r in rows]
+        if search.q or search.status is not None:
+            where = _search_where(app.pk, search)
+            total = await conn.scalar(
+                sa.select(sa.func.count()).select_from(contacts).where(*where)
+            )
+            rows = await conn.execute(
+                sa.select(*columns)
+                .where(*where)
+                .order_by(contacts.c.id)
+                .limit(search.pageSize)
+                .offset((search.page - 1) * search.pageSize)
+            )
+            items = [_search_item(r) for r in rows]
+        else:
+            total = app.contact_count
+            items = await _page(db, conn, app, columns, search.page, search.pageSize, _search_item)
     return {
         "total": total or 0,
-        "appTotal": app_total or 0,
+        "appTotal": app.contact_count,
         "page": search.page,
         "pageSize": search.pageSize,
         "list": items,

@@ -101,6 +101,12 @@ apps = sa.Table(
     sa.Column("app_id", sa.String(64), nullable=False, unique=True),
     sa.Column("name", sa.String(200), nullable=False),
     _created(),
+    # How many contacts the app has, and how many it has lost (0005_contact_count): every
+    # statement that inserts or deletes the app's contacts changes them in its transaction.
+    # `total` of GET /v1/contact reads the first; together they say whether a process's
+    # cached page positions (contacts._Marks) still describe the app's contacts.
+    sa.Column("contact_count", sa.BigInteger, nullable=False, default=0, server_default="0"),
+    sa.Column("contacts_deleted", sa.BigInteger, nullable=False, default=0, server_default="0"),
 )
 
 api_keys = sa.Table(
