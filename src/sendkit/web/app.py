@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,6 +36,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             from sendkit.delivery.runner import start_workers
 
             workers = start_workers(app.state.services)
+        if own:
+            # Everything built so far lives as long as the process: out of the collector's
+            # way, so a full collection (100-200 ms at 1M-contact pages) stays short.
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
