@@ -104,7 +104,7 @@ def _sqlite_fallbacks(run: Run) -> list[Figure]:
 
 def _launch_postgres(ctx: Context, stack: contextlib.ExitStack) -> Server:
     url = stack.enter_context(postgres_database())
-    processes = serve_processes(ctx.params.serve_processes)
+    processes = serve_processes(ctx.params.serve_processes_postgresql)
     deployment = Deployment(
         "postgresql", ctx.work / "postgresql", ctx.sink_port, url, processes=processes
     )
@@ -120,7 +120,7 @@ def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
             *intake.unavailable(),
         )
     if run.wants("e2e", "intake", "contacts"):
-        processes = serve_processes(ctx.params.serve_processes)
+        processes = serve_processes(ctx.params.serve_processes_sqlite)
         deployment = Deployment("sqlite", ctx.work / "sqlite", ctx.sink_port, processes=processes)
         stage.sqlite = run.attempt(
             "start sqlite server",
