@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         "and replay protection must be shared between them.",
     )
     workers: bool = Field(True, description="Run delivery workers inside `sendkit serve`.")
-    worker_concurrency: int = Field(20, description="Messages each worker sends at once.")
+    worker_concurrency: int = Field(50, description="Messages each worker sends at once.")
     lease_seconds: float = Field(
         900, description="How long a claimed message stays with its worker before reclaim."
     )
