@@ -19,7 +19,6 @@ from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import sqlalchemy as sa
-from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -158,51 +157,11 @@ class SaveContact(BaseModel):
     @field_validator("emailAddress")
     @classmethod
     def _email(cls, value: str) -> str:
-        return _bare_address(value) if "<" not in value else _reject_named(value)
+        return parse_mailbox(value).address if "<" not in value else _reject_named(value)
 
 
 def _reject_named(_value: str) -> str:
     raise ValueError("must be a bare email address")
-
-
-# Validating an address costs ~50 us, most of it the domain's IDNA checks: a CSV import of
-# a million rows spent more time there than anywhere else. A plain ASCII address whose
-# domain was found valid before is put together without asking again.
-_PLAIN_ADDRESS = re.compile(
-    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)@([A-Za-z0-9.-]+)"
-)
-_VALID_DOMAINS: dict[str, str] = {}  # domain as written -> as normalised; ASCII only
-_MAX_VALID_DOMAINS = 4096
-_MAX_ADDRESS = 254  # RFC 5321, as email_validator counts it
-
-
-def _bare_address(value: str) -> str:
-    """`parse_mailbox(value).address`: the same answer, or the same ValueError.
-
-    The shortcut holds because email_validator checks an RFC 5322 dot-atom local part
-    (what `_PLAIN_ADDRESS` matches) by that pattern alone, the domain apart from the local
-    part, and then the whole length; anything else (quotes, Unicode, role names it lower-
-    cases, a domain not seen yet) goes the whole way. A full answer that differs from the
-    shortcut's would-be answer is not remembered."""
-    plain = _PLAIN_ADDRESS.fullmatch(value)
-    if plain is not None:
-        local, written = plain.groups()
-        domain = _VALID_DOMAINS.get(written)
-        if (
-            domain is not None
-            and len(local) + 1 + max(len(written), len(domain)) <= _MAX_ADDRESS
-            and local.lower() not in CASE_INSENSITIVE_MAILBOX_NAMES
-        ):
-            return f"{local}@{domain}"
-    mailbox = parse_mailbox(value)
-    if plain is not None:
-        local, written = plain.groups()
-        domain = mailbox.ascii_domain
-        if mailbox.address == f"{local}@{domain}" and domain.isascii():
-            if len(_VALID_DOMAINS) >= _MAX_VALID_DOMAINS:
-                _VALID_DOMAINS.clear()
-            _VALID_DOMAINS[written] = domain
-    return mailbox.address
 
 
 class ContactQuery(BaseModel):

@@ -122,27 +122,41 @@ async def record(
     Two statements whatever the number of endpoints: the deliveries come from a single
     INSERT ... SELECT, which finds no rows (an index probe) for accounts without endpoints.
     """
-    kind = EventType(type_)
-    payload_data = data or {}
     now = now_ms()
-    row = {
-        "account_id": account_id,
-        "message_id": message_id,
-        "type": kind.value,
-        "data": orjson.dumps(payload_data).decode(),
-        "created_at": now,
-    }
+    row = _event_row(account_id, message_id, type_, data, now)
     event_id = int((await conn.execute(_INSERT_EVENT, row)).scalar_one())
-    payload = webhook_payload(event_id, kind.value, message_id, payload_data, now)
-    params = {
-        "account_id": account_id,
-        "event_id": event_id,
-        "payload": payload,
-        "now": now,
-        "pattern": f"%,{kind.value},%",
-    }
+    params = _delivery_params(row, data or {}, event_id, now)
     await conn.execute(_insert_deliveries(conn.dialect.name), params)
     return event_id
+
+
+def _event_row(
+    account_id: str,
+    message_id: str | None,
+    type_: EventType | str,
+    data: dict[str, Any] | None,
+    now: int,
+) -> dict[str, Any]:
+    return {
+        "account_id": account_id,
+        "message_id": message_id,
+        "type": EventType(type_).value,
+        "data": orjson.dumps(data or {}).decode(),
+        "created_at": now,
+    }
+
+
+def _delivery_params(
+    row: dict[str, Any], data: dict[str, Any], event_id: int, now: int
+) -> dict[str, Any]:
+    """The parameters of `_insert_deliveries` for one event row."""
+    return {
+        "account_id": row["account_id"],
+        "event_id": event_id,
+        "payload": webhook_payload(event_id, row["type"], row["message_id"], data, now),
+        "now": now,
+        "pattern": f"%,{row['type']},%",
+    }
 
 
 class EventQuery(BaseModel):
@@ -217,17 +231,10 @@ async def record_many(
     hooked_rows: list[dict[str, Any]] = []
     hooked_data: list[dict[str, Any]] = []
     for account_id, message_id, type_, data in entries:
-        payload_data = data or {}
-        row = {
-            "account_id": account_id,
-            "message_id": message_id,
-            "type": EventType(type_).value,
-            "data": orjson.dumps(payload_data).decode(),
-            "created_at": now,
-        }
+        row = _event_row(account_id, message_id, type_, data, now)
         if account_id in hooked:
             hooked_rows.append(row)
-            hooked_data.append(payload_data)
+            hooked_data.append(data or {})
         else:
             plain.append(row)
     if plain:
@@ -236,15 +243,7 @@ async def record_many(
         return
     ids = (await conn.execute(_INSERT_EVENTS_RETURNING, hooked_rows)).scalars().all()
     deliveries = [
-        {
-            "account_id": row["account_id"],
-            "event_id": int(event_id),
-            "payload": webhook_payload(
-                int(event_id), row["type"], row["message_id"], payload_data, now
-            ),
-            "now": now,
-            "pattern": f"%,{row['type']},%",
-        }
-        for row, payload_data, event_id in zip(hooked_rows, hooked_data, ids, strict=True)
+        _delivery_params(row, data, int(event_id), now)
+        for row, data, event_id in zip(hooked_rows, hooked_data, ids, strict=True)
     ]
     await conn.execute(_insert_deliveries(conn.dialect.name), deliveries)

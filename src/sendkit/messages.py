@@ -11,11 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import apps, domains, events, suppressions
+from sendkit import apps, domains, events, suppressions, unsubscribe
 from sendkit.accounts import Account, utc_today
 from sendkit.addresses import Mailbox, parse_mailbox
 from sendkit.contacts import AppId, Status
-from sendkit.db import Database, attempts, contacts, daily_usage, messages, now_ms
+from sendkit.db import Database, attempts, daily_usage, messages, now_ms
 from sendkit.errors import DailyLimitReached, MessageTooLarge
 from sendkit.validation import no_crlf
 
@@ -70,7 +70,8 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
     """Checks 5 (appId) to 9 of the documented order, then commits the message as queued
     (or as suppressed: recorded, never attempted) with its event, in one transaction."""
     app_pk = await _app_pk(db, account.id, request.appId)
-    if request.size() > account.max_message_size:
+    size = request.size()
+    if size > account.max_message_size:
         raise MessageTooLarge()
     sender = request.sender
     await domains.check_sender(db, account.id, sender)
@@ -88,7 +89,7 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
         "to_addr": recipient.lower,
         "subject": request.subject,
         "body": request.body,
-        "size": request.size(),
+        "size": size,
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
@@ -186,19 +187,12 @@ async def _suppression_reasons(conn: AsyncConnection, items: list[_Pending]) -> 
         if (item.account.id, item.row["to_addr"]) in suppressed
     }
     listed = [(item.row["app_pk"], item.row["to_addr"]) for item in items if item.row["app_pk"]]
-    if listed:
-        rows = await conn.execute(
-            sa.select(contacts.c.app_pk, contacts.c.email_lower).where(
-                sa.tuple_(contacts.c.app_pk, contacts.c.email_lower).in_(listed),
-                contacts.c.status == Status.UNSUBSCRIBED.value,
-            )
-        )
-        unsubscribed = {(r.app_pk, r.email_lower) for r in rows}
-        for item in items:
-            if item.row["id"] not in reasons and (
-                (item.row["app_pk"], item.row["to_addr"]) in unsubscribed
-            ):
-                reasons[item.row["id"]] = "unsubscribed"
+    members = await unsubscribe.memberships(conn, listed)
+    for item in items:
+        member = members.get((item.row["app_pk"], item.row["to_addr"]))
+        unsubscribed = member is not None and member.status == Status.UNSUBSCRIBED.value
+        if unsubscribed and item.row["id"] not in reasons:
+            reasons[item.row["id"]] = "unsubscribed"
     return reasons
 
 

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import dataclasses
 import datetime as dt
-import functools
 import random
 import time
 from dataclasses import dataclass
@@ -498,13 +497,7 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _domain_of(address: str) -> str:
-    return _normalised(address.rpartition("@")[2])
-
-
-@functools.lru_cache(maxsize=4096)
-def _normalised(domain: str) -> str:
-    # IDNA encoding on every message was ~1 % of a delivery's CPU; senders' domains repeat.
-    return normalise_domain(domain)
+    return normalise_domain(address.rpartition("@")[2])
 
 
 def _no_attempt(message: Claimed, status: str, text: str) -> Outcome:
