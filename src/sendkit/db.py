@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -440,26 +440,27 @@ class Database:
             yield
             return
         async with self._sqlite_writer:
-            locked = await self._lock_file()
+            held = await self._lock_file()
             try:
                 yield
             finally:
-                if locked:
-                    assert self._file_lock is not None
-                    self._file_lock.release()
+                if held is not None:
+                    held.release()
 
-    async def _lock_file(self) -> bool:
-        if self._file_lock is None:
-            return False
+    async def _lock_file(self) -> WriterLock | None:
+        """The lock between processes, now held; None without one."""
+        lock = self._file_lock
+        if lock is None:
+            return None
         try:
-            await self._file_lock.acquire()
+            await lock.acquire()
         except OSError as exc:
             # No lock file (read-only or full disk): SQLite's own locking still holds.
             log.warning("writer_lock_unavailable", error=str(exc))
-            self._file_lock.close()
+            lock.close()
             self._file_lock = None
-            return False
-        return True
+            return None
+        return lock
 
     async def write(self, fn: WriteFn[T], *, savepoint: bool = True) -> T:
         """Run `fn` in a transaction shared with other writers, and return once it is
@@ -470,19 +471,24 @@ class Database:
         first change.
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(fn, future, savepoint))
-        if self._committer is None or self._committer.done():
-            self._committer = _background(self._commit_groups())
-        return await future
+        return await self._queue(_Write(fn, future, savepoint))
 
     async def write_batch(self, handler: BatchFn[P], payload: P) -> Any:
         """Like `write()`, but every caller of the same `handler` in a group is served by
         one call with all their payloads: the statements per request shrink with load."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(None, future, False, handler, payload))
+        return await self._queue(_Write(None, future, False, handler, payload))
+
+    def _queue(self, item: _Write[T]) -> asyncio.Future[T]:
+        """Queue for the next group; start the committer when none runs. It runs in a
+        fresh context: it serves every request, not the one that started it (its log
+        lines must not carry that request's id)."""
+        self._pending.append(item)
         if self._committer is None or self._committer.done():
-            self._committer = _background(self._commit_groups())
-        return await future
+            self._committer = asyncio.create_task(
+                self._commit_groups(), context=contextvars.Context()
+            )
+        return item.future
 
     async def _commit_groups(self) -> None:
         while self._pending:
@@ -529,12 +535,6 @@ class Database:
         await self.engine.dispose()
         if self._file_lock is not None:
             self._file_lock.close()
-
-
-def _background(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    # A fresh context: the committer serves every request, not the one that started it
-    # (its log lines must not carry that request's id).
-    return asyncio.create_task(coro, context=contextvars.Context())
 
 
 async def _run_batch(

@@ -7,8 +7,9 @@ import asyncio
 import collections
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import accounts, messages
+from sendkit import accounts, logs, messages
 from sendkit.services import Services
 from tests.conftest import SEND_EXAMPLE, Tenant
 
@@ -53,3 +54,23 @@ async def test_one_callers_failure_does_not_fail_its_neighbours(
     ]
     responses = await asyncio.gather(*good, *bad)
     assert [r.json()["code"] for r in responses] == [0] * 10 + [100030] * 5
+
+
+async def test_the_shared_commit_does_not_carry_the_first_callers_request_id(
+    services: Services,
+) -> None:
+    seen: list[str | None] = []
+
+    async def look(_conn: AsyncConnection) -> None:
+        seen.append(logs._request_id.get())
+
+    async def as_request(request_id: str) -> None:
+        bound = logs.bind_request(request_id)
+        try:
+            await services.db.write(look)
+        finally:
+            logs.unbind_request(bound)
+
+    await asyncio.gather(as_request("first"), as_request("second"))
+    # The committer serves both: its log lines must name neither.
+    assert seen == [None, None]
