@@ -9,7 +9,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SEND_EXAMPLE, assert_envelope
+from sendkit.config import Settings
+from sendkit.services import Services
+from sendkit.web.app import create_app
+from tests.conftest import SEND_EXAMPLE, Tenant, assert_envelope
 from tests.integration.eventkit import api, opened, send, status_is, tenant_for, workers
 
 
@@ -82,3 +85,42 @@ async def test_not_ready_without_a_database(tmp_path: Path, url: str) -> None:
         # aiosqlite stops a connection that failed to open from its own thread, after the
         # request has answered; let that finish while this test's event loop still runs.
         await asyncio.sleep(0.2)
+
+
+async def test_a_request_cancelled_midway_is_still_counted(
+    settings: Settings, services: Services, tenant: Tenant
+) -> None:
+    """A client that goes away while its body is read: uvicorn cancels the request task,
+    and the request still shows in /metrics (and the access log)."""
+    app = create_app(settings, services)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/send",
+        "raw_path": b"/v1/send",
+        "query_string": b"",
+        "headers": [(b"authorization", tenant.auth["Authorization"].encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "root_path": "",
+    }
+    body_awaited = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        body_awaited.set()
+        await asyncio.Event().wait()  # the body never comes
+        raise AssertionError("unreachable")
+
+    async def send(_message: dict[str, object]) -> None:
+        raise AssertionError("nothing is sent to a client that left")
+
+    request = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(body_awaited.wait(), 10)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    counted = services.metrics.http_requests.labels("/v1/send", "POST", "500")._value.get()
+    assert counted == 1
