@@ -305,7 +305,10 @@ def test_operator_import_keyboard_and_sandboxed_email(
 
 def log_in_with_keyboard(page: Page, email: str, password: str) -> None:
     page.goto("/login")
-    page.keyboard.type(email)  # the email field has the focus
+    # The email field has the focus: wait for it, since Chromium may apply autofocus
+    # after the load event (a character typed before then went nowhere, once in CI).
+    expect(page.get_by_label("Email address")).to_be_focused()
+    page.keyboard.type(email)
     page.keyboard.press("Tab")
     page.keyboard.type(password)
     page.keyboard.press("Enter")
