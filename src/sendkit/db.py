@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from sendkit import logs
 from sendkit.cache import TtlCache
 from sendkit.errors import SendKitError, ServiceUnavailable
 from sendkit.filelock import WriterLock
+from sendkit.syncconn import SyncBackedConnection, run_to_end
 
 T = TypeVar("T")
 
@@ -409,6 +412,13 @@ class Database:
         # between processes.
         self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
         self._file_lock = _sqlite_file_lock(url, lock_timeout) if self.is_sqlite else None
+        # SQLite group commits run whole on one thread of their own (see syncconn.py);
+        # an in-memory database has no second connection to the same data, so not there.
+        self._group_writer = (
+            _GroupWriter(url, echo=echo, lock_timeout=lock_timeout)
+            if self._file_lock is not None
+            else None
+        )
 
     @asynccontextmanager
     async def begin(self, *, invalidates: bool = True) -> AsyncIterator[AsyncConnection]:
@@ -496,17 +506,8 @@ class Database:
             await self._commit_group(group)
 
     async def _commit_group(self, group: list[_Write[Any]]) -> None:
-        outcomes: list[tuple[_Write[Any], Any, BaseException | None]] = []
         try:
-            async with self._transaction() as conn:
-                batches: dict[BatchFn[Any], list[_Write[Any]]] = {}
-                for item in group:
-                    if item.batch is not None:
-                        batches.setdefault(item.batch, []).append(item)
-                    else:
-                        outcomes.append(await _run_one(conn, item))
-                for handler, items in batches.items():
-                    outcomes.extend(await _run_batch(conn, handler, items))
+            outcomes = await self._run_group(group)
         except BaseException as exc:  # the commit failed: nothing of this group is stored
             for item in group:
                 if not item.future.done():
@@ -522,6 +523,13 @@ class Database:
             else:
                 item.future.set_exception(error)
 
+    async def _run_group(self, group: list[_Write[Any]]) -> list[_Outcome]:
+        if self._group_writer is None:
+            async with self._transaction() as conn:
+                return await _run_group(conn, group)
+        async with self._writer_slot():
+            return await self._group_writer.run(group)
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only snapshot; on SQLite it does not take the write lock."""
@@ -533,13 +541,69 @@ class Database:
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
         await self.engine.dispose()
+        if self._group_writer is not None:
+            self._group_writer.close()
         if self._file_lock is not None:
             self._file_lock.close()
 
 
+_Outcome = tuple[_Write[Any], Any, BaseException | None]
+
+
+async def _run_group(conn: AsyncConnection, group: list[_Write[Any]]) -> list[_Outcome]:
+    outcomes: list[_Outcome] = []
+    batches: dict[BatchFn[Any], list[_Write[Any]]] = {}
+    for item in group:
+        if item.batch is not None:
+            batches.setdefault(item.batch, []).append(item)
+        else:
+            outcomes.append(await _run_one(conn, item))
+    for handler, items in batches.items():
+        outcomes.extend(await _run_batch(conn, handler, items))
+    return outcomes
+
+
+class _GroupWriter:
+    """A thread with its own synchronous SQLite connection that runs a whole group
+    transaction per hop: the writer lock is held for the statements' time, not for a
+    dozen round trips through the event loop."""
+
+    def __init__(self, url: str, *, echo: bool, lock_timeout: float) -> None:
+        sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+        self.engine = sa.create_engine(
+            sync_url,
+            echo=echo,
+            poolclass=sa.pool.StaticPool,
+            # Made on the writer thread; disposed of from the loop's thread at the end.
+            connect_args={"timeout": lock_timeout, "check_same_thread": False},
+        )
+        event.listen(self.engine, "connect", _sqlite_on_connect)
+        event.listen(self.engine, "begin", _sqlite_on_begin)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sendkit-sqlite-writer")
+
+    async def run(self, group: list[_Write[Any]]) -> list[_Outcome]:
+        loop = asyncio.get_running_loop()
+        # The caller's context goes along: log lines keep its fields.
+        call = functools.partial(contextvars.copy_context().run, self._commit, group)
+        return await loop.run_in_executor(self._thread, call)
+
+    def _commit(self, group: list[_Write[Any]]) -> list[_Outcome]:
+        try:
+            with self.engine.begin() as conn:
+                return run_to_end(_run_group(SyncBackedConnection(conn).as_async(), group))
+        except DBAPIError as exc:
+            if _is_unavailable(exc):
+                raise ServiceUnavailable() from exc
+            raise
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.engine.dispose()
+
+
 async def _run_batch(
     conn: AsyncConnection, handler: BatchFn[Any], items: list[_Write[Any]]
-) -> list[tuple[_Write[Any], Any, BaseException | None]]:
+) -> list[_Outcome]:
     results = await handler(conn, [item.payload for item in items])
     return [
         (item, None, r) if isinstance(r, SendKitError) else (item, r, None)
@@ -547,9 +611,7 @@ async def _run_batch(
     ]
 
 
-async def _run_one(
-    conn: AsyncConnection, item: _Write[Any]
-) -> tuple[_Write[Any], Any, BaseException | None]:
+async def _run_one(conn: AsyncConnection, item: _Write[Any]) -> _Outcome:
     assert item.fn is not None
     if item.future.cancelled():
         return item, None, None
