@@ -70,6 +70,17 @@ class Settings(BaseSettings):
         "and replay protection must be shared between them.",
     )
     workers: bool = Field(True, description="Run delivery workers inside `sendkit serve`.")
+    worker_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Delivery processes `sendkit serve` starts beside its API processes, "
+        "at `worker_niceness` (0: delivery runs inside the API processes, as `workers` "
+        "says). A burst of API requests then gets the CPU first; the queue drains after.",
+    )
+    worker_niceness: int = Field(
+        10, ge=0, le=19, description="How much lower the delivery processes' CPU priority is."
+    )
     worker_concurrency: int = Field(50, description="Messages each worker sends at once.")
     lease_seconds: float = Field(
         900, description="How long a claimed message stays with its worker before reclaim."

@@ -4,7 +4,14 @@ in `web_processes` processes sharing the listening socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import multiprocessing
+import multiprocessing.process
 import os
+import signal
+import threading
 from typing import Any
 
 import typer
@@ -14,8 +21,11 @@ from fastapi import FastAPI
 from sendkit import accounts, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
+from sendkit.delivery.runner import run_standalone
 from sendkit.migrate import migrate
 from sendkit.web.app import create_app
+
+log = logs.get("sendkit.serve")
 
 
 async def _prepare(settings: Settings, init_demo: bool) -> dict[str, str] | None:
@@ -74,6 +84,21 @@ def serve(settings: Settings, *, init_demo: bool = False) -> None:
     demo = asyncio.run(_prepare(settings, init_demo))
     if demo is not None:
         typer.echo(_banner(settings, demo))
+    if settings.worker_processes == 0:
+        _serve_web(settings)
+        return
+    with DeliveryProcesses(settings):
+        # uvicorn re-raises the SIGTERM it stopped for: as an exception here, so the
+        # delivery processes are stopped (gracefully) on the way out.
+        signal.signal(signal.SIGTERM, _exit_quietly)
+        _serve_web(settings.model_copy(update={"workers": False}))
+
+
+def _exit_quietly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _serve_web(settings: Settings) -> None:
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -92,3 +117,82 @@ def serve(settings: Settings, *, init_demo: bool = False) -> None:
         workers=settings.web_processes,
         **options,
     )
+
+
+def _deliver(settings_json: str) -> None:
+    """One delivery process: `sendkit worker` with the parent's settings, niced."""
+    settings = Settings.model_validate_json(settings_json)
+    _end_with_parent()
+    with contextlib.suppress(OSError):
+        os.nice(settings.worker_niceness)
+    logs.configure(json=settings.json_logs, level=settings.log_level, with_pid=True)
+    # The terminal's Ctrl-C reaches the whole group; the parent asks with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(run_standalone(settings))
+
+
+def _end_with_parent() -> None:
+    """SIGTERM when `sendkit serve` dies without its cleanup (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+class DeliveryProcesses:
+    """`worker_processes` delivery processes for as long as the API runs; one that dies
+    is started again (after a pause, so a crash loop does not spin)."""
+
+    RESTART_PAUSE = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings_json = settings.model_dump_json(exclude_unset=True)
+        self._count = settings.worker_processes
+        self._stop_timeout = settings.shutdown_timeout + 5
+        self._context = multiprocessing.get_context("spawn")
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._watchers: list[threading.Thread] = []
+
+    def __enter__(self) -> DeliveryProcesses:
+        for slot in range(self._count):
+            self._processes.append(self._start())
+            watcher = threading.Thread(target=self._watch, args=(slot,), daemon=True)
+            watcher.start()
+            self._watchers.append(watcher)
+        return self
+
+    def _start(self) -> multiprocessing.process.BaseProcess:
+        process = self._context.Process(
+            target=_deliver, args=(self._settings_json,), name="sendkit-delivery"
+        )
+        process.start()
+        log.info("delivery_process_started", pid=process.pid)
+        return process
+
+    def _watch(self, slot: int) -> None:
+        while not self._stopping.is_set():
+            process = self._processes[slot]
+            process.join()
+            if self._stopping.wait(self.RESTART_PAUSE):
+                return
+            log.error("delivery_process_exited", pid=process.pid, code=process.exitcode)
+            with self._lock:  # never start one after __exit__ has looked
+                if self._stopping.is_set():
+                    return
+                self._processes[slot] = self._start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._stopping.set()
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: in-flight transactions finish first
+        for process in self._processes:
+            process.join(self._stop_timeout)
+            if process.is_alive():
+                process.kill()
+                process.join()

@@ -1,0 +1,80 @@
+"""`sendkit serve` with SENDKIT_WORKER_PROCESSES: delivery runs in processes of its own at
+a lower CPU priority, one that dies is replaced, and none outlives the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.test_processes import children
+from tests.live import LiveServer, live_server
+
+pytestmark = [pytest.mark.slow]
+
+SEND = {"from": "from@example.com", "to": "to@example.com", "subject": "s", "body": "b"}
+
+
+def delivery_processes(server: LiveServer) -> set[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = {
+            pid
+            for pid in children(server.pid)
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        }
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no delivery process under {server.pid}")
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+
+def send_and_wait(server: LiveServer, token: str) -> int:
+    """Send one message; the pid of the process whose log says it was delivered."""
+    response = httpx.post(
+        f"{server.base_url}/v1/send", json=SEND, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 200, response.text
+    message_id = response.headers["X-Message-Id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in server.logs().splitlines():
+            if not line.startswith("{"):
+                continue
+            entry = json.loads(line)
+            if entry.get("message_id") == message_id and entry.get("status") == "delivered":
+                return int(entry["pid"])
+        time.sleep(0.2)
+    raise AssertionError(f"{message_id} was not delivered:\n{server.logs()[-3000:]}")
+
+
+def test_delivery_runs_in_its_own_lower_priority_process(
+    tmp_path: Path, database_url: str
+) -> None:
+    with live_server(
+        tmp_path, database_url, SENDKIT_WORKER_PROCESSES="1", SENDKIT_JSON_LOGS="true"
+    ) as server:
+        token = server.cli("init", "--demo")["apiKey"]
+        (worker,) = delivery_processes(server)
+        assert niceness(worker) == niceness(server.pid) + 10
+        assert send_and_wait(server, token) == worker
+
+        # A delivery process that dies is replaced, and the queue keeps draining.
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (found := delivery_processes(server)) == {worker}:
+            assert time.monotonic() < deadline, "the delivery process was not replaced"
+            time.sleep(0.2)
+        (replacement,) = found
+        assert send_and_wait(server, token) == replacement
+    # Stopping the server stops its delivery processes too.
+    assert not Path(f"/proc/{replacement}").exists()
