@@ -106,7 +106,12 @@ def _launch_postgres(ctx: Context, stack: contextlib.ExitStack) -> Server:
     url = stack.enter_context(postgres_database())
     processes = serve_processes(ctx.params.serve_processes_postgresql)
     deployment = Deployment(
-        "postgresql", ctx.work / "postgresql", ctx.sink_port, url, processes=processes
+        "postgresql",
+        ctx.work / "postgresql",
+        ctx.sink_port,
+        url,
+        processes=processes,
+        worker_processes=ctx.params.worker_processes,
     )
     return stack.enter_context(launched_server(deployment, ctx.work))
 
@@ -121,7 +126,13 @@ def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
         )
     if run.wants("e2e", "intake", "contacts"):
         processes = serve_processes(ctx.params.serve_processes_sqlite)
-        deployment = Deployment("sqlite", ctx.work / "sqlite", ctx.sink_port, processes=processes)
+        deployment = Deployment(
+            "sqlite",
+            ctx.work / "sqlite",
+            ctx.sink_port,
+            processes=processes,
+            worker_processes=ctx.params.worker_processes,
+        )
         stage.sqlite = run.attempt(
             "start sqlite server",
             lambda: stack.enter_context(launched_server(deployment, ctx.work)),

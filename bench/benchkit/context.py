@@ -27,6 +27,10 @@ class Params:
     # lock hand-offs and took intake from ~880 to ~650 req/s here; PostgreSQL gains.
     serve_processes_sqlite: int = 1
     serve_processes_postgresql: int = 2
+    # SENDKIT_WORKER_PROCESSES for the end-to-end and intake servers: delivery in a niced
+    # process of its own, as README's production start has it. The memory benchmark keeps
+    # delivery inside `sendkit serve` (the default), so one process's peak RSS is all of it.
+    worker_processes: int = 1
 
     @classmethod
     def full(cls) -> Params:

@@ -58,9 +58,11 @@ def bare_app(ctx: Context) -> Iterator[BareApp]:
 
 
 def run(ctx: Context, server: Server, bare: BareApp) -> tuple[tools.WrkResult, tools.WrkResult]:
-    """SendKit first, then the bare app (started earlier, see `bare_app`)."""
+    """SendKit first, then the bare app (started earlier, see `bare_app`) once SendKit has
+    delivered what it took in: the peer gets the same quiet machine."""
     with profiled(ctx.profile_dir, server.proc.pid, "intake"):
         ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
+    server.wait_idle()
     procs.wait_port(bare.port, bare.proc)
     return ours, _measure(ctx, f"http://{procs.LOOPBACK}:{bare.port}/v1/send", "bare")
 

@@ -60,6 +60,8 @@ class Deployment:
     database_url: str | None = None  # None: SQLite in the data directory (the default)
     secret_key: str = ""
     processes: int = 1  # SENDKIT_WEB_PROCESSES; more than 1 uses the local Redis
+    # SENDKIT_WORKER_PROCESSES: delivery beside the API, niced (0: inside the API process)
+    worker_processes: int = 0
 
     def __post_init__(self) -> None:
         self.secret_key = self.secret_key or secrets.token_urlsafe(32)
@@ -82,6 +84,8 @@ class Deployment:
         }
         if self.database_url:
             values["SENDKIT_DATABASE_URL"] = self.database_url
+        if self.worker_processes:
+            values["SENDKIT_WORKER_PROCESSES"] = str(self.worker_processes)
         if self.processes > 1:
             values["SENDKIT_WEB_PROCESSES"] = str(self.processes)
             values["SENDKIT_REDIS_URL"] = REDIS_URL
