@@ -123,10 +123,11 @@ class _Pending:
 
 async def _store_batch(conn: AsyncConnection, items: list[_Pending]) -> list[Any]:
     """Checks 9 (daily limit) and the suppression lists for many sends, then one insert
-    of the messages and one of their events."""
+    of the messages and one of their events. The daily count is taken last before the
+    inserts: on PostgreSQL its row stays locked until the commit, so the reads come first."""
     results: list[Any] = [DailyLimitReached() for _ in items]
+    reasons = await _suppression_reasons(conn, items)
     accepted = await _take_daily_quota(conn, items)
-    reasons = await _suppression_reasons(conn, [items[i] for i in accepted])
     rows: list[dict[str, Any]] = []
     entries: list[tuple[str, str | None, str, dict[str, Any]]] = []
     for i in accepted:
@@ -151,30 +152,56 @@ async def _take_daily_quota(conn: AsyncConnection, items: list[_Pending]) -> lis
     per account. The row is locked (PostgreSQL) or the writer is single (SQLite), so
     concurrent processes never overshoot."""
     day = utc_today().isoformat()
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     by_account: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         by_account.setdefault(item.account.id, []).append(i)
     accepted: list[int] = []
     for account_id, indexes in by_account.items():
-        await conn.execute(
-            insert(daily_usage)
-            .values(account_id=account_id, day=day, sent=0)
-            .on_conflict_do_nothing(index_elements=["account_id", "day"])
-        )
-        key = (daily_usage.c.account_id == account_id, daily_usage.c.day == day)
-        query = sa.select(daily_usage.c.sent).where(*key)
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        sent = int(await conn.scalar(query) or 0)
-        room = max(0, items[indexes[0]].account.daily_limit - sent)
-        taken = indexes[:room]
-        if taken:
-            await conn.execute(
-                daily_usage.update().where(*key).values(sent=daily_usage.c.sent + len(taken))
-            )
-        accepted.extend(taken)
+        limit = items[indexes[0]].account.daily_limit
+        if len(indexes) <= limit and await _take_all(conn, account_id, day, len(indexes), limit):
+            accepted.extend(indexes)
+        else:
+            accepted.extend(await _take_some(conn, account_id, day, indexes, limit))
     return sorted(accepted)
+
+
+def _insert(conn: AsyncConnection) -> Any:
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+async def _take_all(
+    conn: AsyncConnection, account_id: str, day: str, count: int, limit: int
+) -> bool:
+    """The usual case in one statement: all `count` fit, and are counted."""
+    statement = _insert(conn)(daily_usage).values(account_id=account_id, day=day, sent=count)
+    statement = statement.on_conflict_do_update(
+        index_elements=["account_id", "day"],
+        set_={"sent": daily_usage.c.sent + statement.excluded.sent},
+        where=daily_usage.c.sent + statement.excluded.sent <= limit,
+    ).returning(daily_usage.c.sent)
+    return (await conn.execute(statement)).first() is not None
+
+
+async def _take_some(
+    conn: AsyncConnection, account_id: str, day: str, indexes: list[int], limit: int
+) -> list[int]:
+    """Near the limit: as many as there is room for, in order."""
+    await conn.execute(
+        _insert(conn)(daily_usage)
+        .values(account_id=account_id, day=day, sent=0)
+        .on_conflict_do_nothing(index_elements=["account_id", "day"])
+    )
+    key = (daily_usage.c.account_id == account_id, daily_usage.c.day == day)
+    query = sa.select(daily_usage.c.sent).where(*key)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    sent = int(await conn.scalar(query) or 0)
+    taken = indexes[: max(0, limit - sent)]
+    if taken:
+        await conn.execute(
+            daily_usage.update().where(*key).values(sent=daily_usage.c.sent + len(taken))
+        )
+    return taken
 
 
 async def _suppression_reasons(conn: AsyncConnection, items: list[_Pending]) -> dict[str, str]:
