@@ -27,7 +27,7 @@ from sendkit import logs
 from sendkit.cache import TtlCache
 from sendkit.errors import SendKitError, ServiceUnavailable
 from sendkit.filelock import WriterLock
-from sendkit.syncconn import SyncBackedConnection, run_to_end
+from sendkit.syncconn import NotSynchronous, SyncBackedConnection, run_to_end
 
 T = TypeVar("T")
 
@@ -550,17 +550,46 @@ class Database:
 _Outcome = tuple[_Write[Any], Any, BaseException | None]
 
 
-async def _run_group(conn: AsyncConnection, group: list[_Write[Any]]) -> list[_Outcome]:
-    outcomes: list[_Outcome] = []
+def _split(
+    group: list[_Write[Any]],
+) -> tuple[list[_Write[Any]], dict[BatchFn[Any], list[_Write[Any]]]]:
+    """The group's lone writes, and its batched payloads by handler."""
+    alone: list[_Write[Any]] = []
     batches: dict[BatchFn[Any], list[_Write[Any]]] = {}
     for item in group:
         if item.batch is not None:
             batches.setdefault(item.batch, []).append(item)
         else:
-            outcomes.append(await _run_one(conn, item))
+            alone.append(item)
+    return alone, batches
+
+
+async def _run_group(conn: AsyncConnection, group: list[_Write[Any]]) -> list[_Outcome]:
+    alone, batches = _split(group)
+    outcomes = [await _run_one(conn, item) for item in alone]
     for handler, items in batches.items():
         outcomes.extend(await _run_batch(conn, handler, items))
     return outcomes
+
+
+def _run_group_now(conn: AsyncConnection, group: list[_Write[Any]]) -> list[_Outcome]:
+    """`_run_group` on the writer thread, each write driven to its end on its own."""
+    alone, batches = _split(group)
+    outcomes = [_run_one_now(conn, item) for item in alone]
+    for handler, items in batches.items():
+        # A batch handler has no savepoint: one that waits on anything else stops the
+        # whole group (NotSynchronous), so nothing half-done commits.
+        outcomes.extend(run_to_end(_run_batch(conn, handler, items)))
+    return outcomes
+
+
+def _run_one_now(conn: AsyncConnection, item: _Write[Any]) -> _Outcome:
+    try:
+        return run_to_end(_run_one(conn, item))
+    except NotSynchronous as exc:
+        if not item.savepoint:
+            raise  # its changes may be half made, and nothing undoes them alone
+        return item, None, exc  # its savepoint was rolled back as the coroutine closed
 
 
 class _GroupWriter:
@@ -590,7 +619,7 @@ class _GroupWriter:
     def _commit(self, group: list[_Write[Any]]) -> list[_Outcome]:
         try:
             with self.engine.begin() as conn:
-                return run_to_end(_run_group(SyncBackedConnection(conn).as_async(), group))
+                return _run_group_now(SyncBackedConnection(conn).as_async(), group)
         except DBAPIError as exc:
             if _is_unavailable(exc):
                 raise ServiceUnavailable() from exc

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 
 import httpx
+import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import accounts, logs, messages
 from sendkit.services import Services
+from sendkit.syncconn import NotSynchronous
 from tests.conftest import SEND_EXAMPLE, Tenant
 
 
@@ -74,3 +78,34 @@ async def test_the_shared_commit_does_not_carry_the_first_callers_request_id(
     await asyncio.gather(as_request("first"), as_request("second"))
     # The committer serves both: its log lines must name neither.
     assert seen == [None, None]
+
+
+async def test_sqlite_groups_commit_whole_on_the_writer_thread_with_full_sync(
+    services: Services, backend: str
+) -> None:
+    """On SQLite a group runs in one hop on its own thread and connection, which keeps
+    synchronous=FULL; a write function that awaits anything but the database fails alone."""
+    if backend != "sqlite":
+        pytest.skip("PostgreSQL groups run on the event loop")
+    seen: list[tuple[str, int]] = []
+
+    async def probe(conn: AsyncConnection) -> None:
+        synchronous = int(await conn.scalar(sa.text("PRAGMA synchronous")) or 0)
+        seen.append((threading.current_thread().name, synchronous))
+        await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS probe (x INTEGER)"))
+        await conn.execute(sa.text("INSERT INTO probe VALUES (1)"))
+
+    async def waits(conn: AsyncConnection) -> None:
+        await conn.execute(sa.text("INSERT INTO probe VALUES (2)"))
+        await asyncio.sleep(0)
+
+    await services.db.write(probe)
+    outcomes = await asyncio.gather(
+        services.db.write(probe), services.db.write(waits), return_exceptions=True
+    )
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], NotSynchronous)
+    assert [name.startswith("sendkit-sqlite-writer") for name, _ in seen] == [True, True]
+    assert {synchronous for _, synchronous in seen} == {2}  # FULL
+    async with services.db.read() as conn:
+        assert list(await conn.scalars(sa.text("SELECT x FROM probe"))) == [1, 1]
