@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import httpx
+from fastapi.routing import APIRoute
 
+from sendkit.web import api
+from sendkit.web.app import _direct_routes
 from tests.conftest import SEND_EXAMPLE, Tenant, assert_envelope
 
 
@@ -31,3 +34,22 @@ async def test_contact_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> 
     data = listed.json()["data"]
     assert data["total"] == 1 and data["page"] == 1 and data["pageSize"] == 500
     assert data["list"][0]["firstName"] == "John"
+
+
+def test_documented_routes_are_called_directly_and_stay_registered() -> None:
+    """RequestContext serves the four documented routes without FastAPI's routing; the
+    router keeps them too (OpenAPI, 405 with Allow for other methods)."""
+    direct = _direct_routes()
+    assert set(direct) == {
+        ("POST", "/v1/send"),
+        ("GET", "/v1/contact"),
+        ("POST", "/v1/contact"),
+        ("DELETE", "/v1/contact"),
+    }
+    registered = {
+        (method, route.path): route.endpoint
+        for route in api.router.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods or ()
+    }
+    assert {key: handler for key, (_route, handler) in direct.items()} == registered

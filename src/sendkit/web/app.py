@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from sendkit import __version__, logs
 from sendkit import services as services_mod
@@ -18,7 +19,7 @@ from sendkit.config import Settings
 from sendkit.errors import BadRequest, MethodNotAllowed, RouteNotFound, SendKitError
 from sendkit.services import Services
 from sendkit.web import api, dashboard, deliverability, envelope, ops, unsubscribe
-from sendkit.web.middleware import RequestContext
+from sendkit.web.middleware import DirectRoutes, Handler, RequestContext
 
 log = logs.get("sendkit.web")
 
@@ -65,8 +66,18 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     dashboard.install(app)  # pages under /, after the API's handlers (it wraps the 404 one)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, direct=_direct_routes(), on_error=_sendkit_error)
     return app
+
+
+def _direct_routes() -> DirectRoutes:
+    """The documented `/v1` routes, for RequestContext to call without FastAPI's routing."""
+    found: dict[tuple[str, str], tuple[BaseRoute, Handler]] = {}
+    for route in api.router.routes:
+        if isinstance(route, APIRoute):
+            for method in route.methods or ():
+                found[(method, route.path)] = (route, route.endpoint)
+    return found
 
 
 def _request_id(request: Request) -> str:
