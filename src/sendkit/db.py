@@ -611,10 +611,23 @@ class _GroupWriter:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sendkit-sqlite-writer")
 
     async def run(self, group: list[_Write[Any]]) -> list[_Outcome]:
+        """The group's outcomes, once its transaction has ended; the caller holds the
+        writer lock meanwhile. Cancelled midway, it still waits for the thread (the lock
+        must not be released under a running transaction), hands back what was really
+        committed, and the cancellation comes at the caller's next await."""
         loop = asyncio.get_running_loop()
         # The caller's context goes along: log lines keep its fields.
         call = functools.partial(contextvars.copy_context().run, self._commit, group)
-        return await loop.run_in_executor(self._thread, call)
+        done = loop.run_in_executor(self._thread, call)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            try:
+                return await _wait_out(done)
+            finally:
+                if task is not None:
+                    task.cancel()
 
     def _commit(self, group: list[_Write[Any]]) -> list[_Outcome]:
         try:
@@ -628,6 +641,16 @@ class _GroupWriter:
     def close(self) -> None:
         self._thread.shutdown(wait=True)
         self.engine.dispose()
+
+
+async def _wait_out(future: asyncio.Future[T]) -> T:
+    """The future's result, however often the waiting task is cancelled meanwhile."""
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done():
+                return future.result()
 
 
 async def _run_batch(

@@ -156,7 +156,10 @@ async def _take_daily_quota(conn: AsyncConnection, items: list[_Pending]) -> lis
     for i, item in enumerate(items):
         by_account.setdefault(item.account.id, []).append(i)
     accepted: list[int] = []
-    for account_id, indexes in by_account.items():
+    # Accounts in one order everywhere: two processes' groups lock their usage rows
+    # (PostgreSQL) in the same order, so they wait for each other instead of deadlocking.
+    for account_id in sorted(by_account):
+        indexes = by_account[account_id]
         limit = items[indexes[0]].account.daily_limit
         if len(indexes) <= limit and await _take_all(conn, account_id, day, len(indexes), limit):
             accepted.extend(indexes)

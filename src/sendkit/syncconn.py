@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from sqlalchemy.engine import CursorResult, Dialect, ScalarResult
+from sqlalchemy.engine import CursorResult, Dialect, Result, ScalarResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 T = TypeVar("T")
@@ -50,10 +50,23 @@ class _Savepoint:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if kind is None:
-            self._transaction.commit()
-        else:
+        if kind is not None:
             self._transaction.rollback()
+            return
+        try:
+            self._transaction.commit()
+        except BaseException:
+            self._transaction.rollback()
+            raise
+
+
+def _read_whole(result: CursorResult[Any]) -> Result[Any]:
+    """Rows read at once, as aiosqlite does: an open statement would stop the savepoint's
+    release and the group's COMMIT ("SQL statements in progress"), failing every caller
+    in the group for one function that left a result unread."""
+    if not result.returns_rows:
+        return result
+    return result.freeze()()
 
 
 class SyncBackedConnection:
@@ -66,17 +79,17 @@ class SyncBackedConnection:
     def dialect(self) -> Dialect:
         return self._conn.dialect
 
-    async def execute(self, statement: Any, parameters: Params = None) -> CursorResult[Any]:
-        return self._conn.execute(statement, parameters)
+    async def execute(self, statement: Any, parameters: Params = None) -> Result[Any]:
+        return _read_whole(self._conn.execute(statement, parameters))
 
     async def scalar(self, statement: Any, parameters: Mapping[str, Any] | None = None) -> Any:
         return self._conn.scalar(statement, parameters)
 
     async def scalars(self, statement: Any, parameters: Params = None) -> ScalarResult[Any]:
-        return self._conn.scalars(statement, parameters)
+        return _read_whole(self._conn.execute(statement, parameters)).scalars()
 
-    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> CursorResult[Any]:
-        return self._conn.exec_driver_sql(statement, parameters)
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Result[Any]:
+        return _read_whole(self._conn.exec_driver_sql(statement, parameters))
 
     def begin_nested(self) -> _Savepoint:
         return _Savepoint(self._conn.begin_nested())
