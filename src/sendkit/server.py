@@ -12,6 +12,7 @@ import multiprocessing.process
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import typer
@@ -119,23 +120,27 @@ def _serve_web(settings: Settings) -> None:
     )
 
 
-def _deliver(settings_json: str) -> None:
+def _deliver(settings_json: str, parent: int) -> None:
     """One delivery process: `sendkit worker` with the parent's settings, niced."""
+    _end_with_parent(parent)
+    # Its own process group: a terminal's Ctrl-C reaches `serve` alone, which stops the
+    # API first and then asks this process (SIGTERM) to finish what it has in flight.
+    os.setpgid(0, 0)
     settings = Settings.model_validate_json(settings_json)
-    _end_with_parent()
     with contextlib.suppress(OSError):
         os.nice(settings.worker_niceness)
     logs.configure(json=settings.json_logs, level=settings.log_level, with_pid=True)
-    # The terminal's Ctrl-C reaches the whole group; the parent asks with SIGTERM.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(run_standalone(settings))
 
 
-def _end_with_parent() -> None:
-    """SIGTERM when `sendkit serve` dies without its cleanup (Linux; elsewhere a no-op)."""
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM when `sendkit serve` dies without its cleanup (Linux; elsewhere a no-op),
+    also if it died while this process was starting."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise SystemExit(0)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -143,7 +148,8 @@ _PR_SET_PDEATHSIG = 1
 
 class DeliveryProcesses:
     """`worker_processes` delivery processes for as long as the API runs; one that dies
-    is started again (after a pause, so a crash loop does not spin)."""
+    is started again (after a pause, so a crash loop does not spin). One that exits
+    cleanly was asked to (a signal from outside): it is not."""
 
     RESTART_PAUSE = 1.0
 
@@ -155,19 +161,20 @@ class DeliveryProcesses:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._processes: list[multiprocessing.process.BaseProcess] = []
-        self._watchers: list[threading.Thread] = []
 
     def __enter__(self) -> DeliveryProcesses:
-        for slot in range(self._count):
-            self._processes.append(self._start())
-            watcher = threading.Thread(target=self._watch, args=(slot,), daemon=True)
-            watcher.start()
-            self._watchers.append(watcher)
+        try:
+            for slot in range(self._count):
+                self._processes.append(self._start())
+                threading.Thread(target=self._watch, args=(slot,), daemon=True).start()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def _start(self) -> multiprocessing.process.BaseProcess:
         process = self._context.Process(
-            target=_deliver, args=(self._settings_json,), name="sendkit-delivery"
+            target=_deliver, args=(self._settings_json, os.getpid()), name="sendkit-delivery"
         )
         process.start()
         log.info("delivery_process_started", pid=process.pid)
@@ -177,7 +184,7 @@ class DeliveryProcesses:
         while not self._stopping.is_set():
             process = self._processes[slot]
             process.join()
-            if self._stopping.wait(self.RESTART_PAUSE):
+            if process.exitcode == 0 or self._stopping.wait(self.RESTART_PAUSE):
                 return
             log.error("delivery_process_exited", pid=process.pid, code=process.exitcode)
             with self._lock:  # never start one after __exit__ has looked
@@ -186,13 +193,17 @@ class DeliveryProcesses:
                 self._processes[slot] = self._start()
 
     def __exit__(self, *exc_info: object) -> None:
+        # A second SIGTERM must not cut the graceful stop short halfway.
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with self._lock:
             self._stopping.set()
         for process in self._processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: in-flight transactions finish first
+        deadline = time.monotonic() + self._stop_timeout
         for process in self._processes:
-            process.join(self._stop_timeout)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()

@@ -57,9 +57,7 @@ def send_and_wait(server: LiveServer, token: str) -> int:
     raise AssertionError(f"{message_id} was not delivered:\n{server.logs()[-3000:]}")
 
 
-def test_delivery_runs_in_its_own_lower_priority_process(
-    tmp_path: Path, database_url: str
-) -> None:
+def test_delivery_runs_in_its_own_lower_priority_process(tmp_path: Path, database_url: str) -> None:
     with live_server(
         tmp_path, database_url, SENDKIT_WORKER_PROCESSES="1", SENDKIT_JSON_LOGS="true"
     ) as server:
@@ -78,3 +76,31 @@ def test_delivery_runs_in_its_own_lower_priority_process(
         assert send_and_wait(server, token) == replacement
     # Stopping the server stops its delivery processes too.
     assert not Path(f"/proc/{replacement}").exists()
+
+
+def test_a_delivery_process_asked_to_stop_is_not_restarted(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SIGTERM from outside (an operator, systemd stopping the whole group) is a request
+    to stop: that process finishes and stays stopped; the others go on until the server
+    stops them. Each runs in its own process group, so a terminal's Ctrl-C reaches
+    `serve` alone."""
+    with live_server(
+        tmp_path, database_url, SENDKIT_WORKER_PROCESSES="2", SENDKIT_JSON_LOGS="true"
+    ) as server:
+        token = server.cli("init", "--demo")["apiKey"]
+        deadline = time.monotonic() + 30
+        while len(workers := delivery_processes(server)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for pid in workers:
+            assert os.getpgid(pid) == pid
+        stopped, other = sorted(workers)
+        os.kill(stopped, signal.SIGTERM)
+        time.sleep(RESTART_WAIT)
+        assert delivery_processes(server) == {other}
+        assert send_and_wait(server, token) == other
+    assert not Path(f"/proc/{other}").exists()
+
+
+RESTART_WAIT = 3.0  # well past DeliveryProcesses.RESTART_PAUSE
