@@ -107,11 +107,11 @@ def worker(
     data_dir: DataDir = None,
 ) -> None:
     """Run delivery workers alone (several may share one PostgreSQL)."""
-    from sendkit.delivery.runner import run_standalone
+    from sendkit.delivery.runner import run_process
 
     settings = settings_for(data_dir)
     logs.configure(json=settings.json_logs, level=settings.log_level)
-    asyncio.run(run_standalone(settings, concurrency=concurrency))
+    run_process(settings, concurrency=concurrency)
 
 
 @app.command()

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from sendkit import accounts, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
-from sendkit.delivery.runner import run_standalone
+from sendkit.delivery.runner import run_process
 from sendkit.migrate import migrate
 from sendkit.web.app import create_app
 
@@ -130,7 +130,7 @@ def _deliver(settings_json: str, parent: int) -> None:
     with contextlib.suppress(OSError):
         os.nice(settings.worker_niceness)
     logs.configure(json=settings.json_logs, level=settings.log_level, with_pid=True)
-    asyncio.run(run_standalone(settings))
+    run_process(settings)
 
 
 def _end_with_parent(parent: int) -> None:

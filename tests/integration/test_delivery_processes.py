@@ -35,7 +35,11 @@ def delivery_processes(server: LiveServer) -> set[int]:
 
 
 def niceness(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+    return niceness_of(Path(f"/proc/{pid}/stat"))
+
+
+def niceness_of(stat: Path) -> int:
+    return int(stat.read_text().rpartition(")")[2].split()[16])
 
 
 def send_and_wait(server: LiveServer, token: str) -> int:
@@ -65,6 +69,10 @@ def test_delivery_runs_in_its_own_lower_priority_process(tmp_path: Path, databas
         (worker,) = delivery_processes(server)
         assert niceness(worker) == niceness(server.pid) + 10
         assert send_and_wait(server, token) == worker
+        # Its signing threads (started by that delivery) keep the process's priority.
+        threads = list(Path(f"/proc/{worker}/task").iterdir())
+        assert len(threads) >= 2  # the loop and at least one signing thread
+        assert {niceness_of(task / "stat") for task in threads} == {niceness(worker)}
 
         # A delivery process that dies is replaced, and the queue keeps draining.
         os.kill(worker, signal.SIGKILL)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from sendkit import logs
+import uvloop
+
+from sendkit import dkim, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.worker import Worker, make_transport
@@ -50,6 +52,14 @@ def start_workers(services: Services, *, concurrency: int | None = None) -> Runn
     services.extras["webhook_worker"] = hooks
     hooks_task = asyncio.create_task(hooks.run(stop), name="sendkit-webhooks")
     return RunningWorkers(worker, task, stop, (hooks, hooks_task))
+
+
+def run_process(settings: Settings, *, concurrency: int | None = None) -> None:
+    """A delivery process (`sendkit worker`, or one of `sendkit serve`'s) until SIGTERM
+    or SIGINT, on uvloop: the delivery loop is mostly socket I/O, which uvloop's
+    transports do in C (uvicorn runs the API on it too)."""
+    dkim.keep_signing_at_process_priority()
+    uvloop.run(run_standalone(settings, concurrency=concurrency))
 
 
 async def run_standalone(settings: Settings, *, concurrency: int | None = None) -> None:
