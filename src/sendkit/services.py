@@ -11,6 +11,7 @@ from sendkit.db import Database
 from sendkit.keys import MemoryReplayGuard, RedisReplayGuard, ReplayGuard
 from sendkit.metrics import Metrics
 from sendkit.ratelimit import RateLimiter
+from sendkit.wakeups import WakeSender, directory
 
 
 @dataclass
@@ -21,17 +22,23 @@ class Services:
     limiter: RateLimiter
     replay_guard: ReplayGuard
     redis: Any = None
+    wakes: WakeSender | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     # One registry per Services: tests build many in one process without collisions.
     metrics: Metrics = field(default_factory=Metrics)
 
     def notify_queued(self) -> None:
-        """Wake an in-process worker at once instead of at its next poll."""
+        """Wake a worker at once instead of at its next poll: the one in this process, or
+        else the delivery processes of this machine (`wakeups`)."""
         worker = self.extras.get("worker")
         if worker is not None:
             worker.wakeup.set()
+        elif self.wakes is not None:
+            self.wakes.ping()
 
     async def close(self) -> None:
+        if self.wakes is not None:
+            self.wakes.close()
         await self.db.dispose()
         await self.limiter.close()
         if self.redis is not None:
@@ -57,4 +64,5 @@ def build(settings: Settings) -> Services:
         limiter=RateLimiter(settings.redis_url, redis=redis_client),
         replay_guard=guard,
         redis=redis_client,
+        wakes=WakeSender(directory(settings.data_dir)),
     )

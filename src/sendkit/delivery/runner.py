@@ -7,12 +7,13 @@ import signal
 
 import uvloop
 
-from sendkit import dkim, logs
+from sendkit import dkim, logs, wakeups
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.worker import Worker, make_transport
 from sendkit.migrate import migrate
 from sendkit.services import Services
+from sendkit.wakeups import WakeReceiver
 from sendkit.webhooks import WebhookWorker
 
 log = logs.get("sendkit.worker")
@@ -68,12 +69,18 @@ async def run_standalone(settings: Settings, *, concurrency: int | None = None) 
     try:
         await migrate(services.db)
         running = start_workers(services, concurrency=concurrency)
+        # Queued messages wake this process at once (from `sendkit serve` on this machine).
+        receiver = WakeReceiver.listen(
+            wakeups.directory(settings.data_dir), running.worker.wakeup.set
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, running.stop_event.set)
         log.info("worker_started", concurrency=running.worker.concurrency)
         await running.stop_event.wait()
         log.info("worker_stopping")
+        if receiver is not None:
+            receiver.close()
         await running.stop()
     finally:
         await services.close()

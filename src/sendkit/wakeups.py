@@ -1,0 +1,107 @@
+"""Waking the delivery processes of this machine when a message is queued, rather than at
+their next poll (`poll_interval`): each listens on a datagram socket of its own in the
+data directory, and a process without a worker of its own sends one byte to each.
+
+Best effort by design: a lost datagram costs one poll interval, never a message. The
+sockets live in a directory only the server's user can enter, and carry no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sendkit import logs
+
+log = logs.get("sendkit.wakeups")
+
+_PATTERN = "delivery-*.sock"
+# A burst of sends wakes each process at most this often: it claims in batches anyway.
+_MIN_GAP_SECONDS = 0.005
+# Delivery processes come and go (restarts): the list is read again after this long.
+_RELIST_SECONDS = 1.0
+
+
+def directory(data_dir: Path) -> Path:
+    return data_dir / "run"
+
+
+class WakeSender:
+    """Used where messages are queued (the API, `sendkit smtpd`)."""
+
+    def __init__(self, where: Path) -> None:
+        self._where = where
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+        self._targets: list[str] = []
+        self._listed_at = -_RELIST_SECONDS
+        self._sent_at = -_MIN_GAP_SECONDS
+
+    def ping(self) -> None:
+        now = time.monotonic()
+        if now - self._sent_at < _MIN_GAP_SECONDS:
+            return
+        self._sent_at = now
+        if now - self._listed_at >= _RELIST_SECONDS:
+            self._listed_at = now
+            self._targets = [str(path) for path in self._where.glob(_PATTERN)]
+        for target in self._targets:
+            # Gone, full or never there: that process finds the message at its next poll.
+            with contextlib.suppress(OSError):
+                self._socket.sendto(b"!", target)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+class WakeReceiver:
+    """Used by a delivery process: `on_wake` runs on its loop for each burst of pings."""
+
+    def __init__(self, where: Path, on_wake: Callable[[], None]) -> None:
+        self._on_wake = on_wake
+        self._loop = asyncio.get_running_loop()
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _forget_the_dead(where)
+        self.path = where / f"delivery-{os.getpid()}.sock"
+        self.path.unlink(missing_ok=True)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._socket.bind(str(self.path))  # fails beyond ~107 bytes of path
+        except OSError:
+            self._socket.close()
+            raise
+        self._socket.setblocking(False)
+        self._loop.add_reader(self._socket.fileno(), self._drain)
+
+    @classmethod
+    def listen(cls, where: Path, on_wake: Callable[[], None]) -> WakeReceiver | None:
+        """A receiver, or None (and polling alone) where the socket cannot be made."""
+        try:
+            return cls(where, on_wake)
+        except OSError as exc:
+            log.warning("wakeups_unavailable", error=str(exc))
+            return None
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._socket.recv(64):
+                pass
+        self._on_wake()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._socket.fileno())
+        self._socket.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _forget_the_dead(where: Path) -> None:
+    """Sockets left by delivery processes that were killed (no cleanup ran)."""
+    for path in where.glob(_PATTERN):
+        pid = path.stem.removeprefix("delivery-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+            path.unlink(missing_ok=True)
