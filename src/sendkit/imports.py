@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import apps, logs
+from sendkit import apps, csvcells, logs
 from sendkit.contacts import _EMPTY, DATA_FIELDS, SaveContact, Status, _data_values
 from sendkit.db import Database, contacts, import_jobs, now_ms
 from sendkit.db import apps as apps_table
@@ -255,7 +255,9 @@ class _Reader:
 
     def _row(self, cells: list[str]) -> _Row:
         given = {
-            c: v.strip() for c, v in zip(self._columns, cells, strict=False) if c and v.strip()
+            c: csvcells.unescape(v.strip())
+            for c, v in zip(self._columns, cells, strict=False)
+            if c and v.strip()
         }
         email = given.pop("emailAddress", "")
         status = given.pop("status", "").capitalize() or self._default_status
@@ -603,5 +605,5 @@ async def _export_pages(db: Database, app_pk: str) -> AsyncIterator[bytes]:
 
 def _csv_line(values: list[Any]) -> bytes:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerow(values)
+    csv.writer(out, lineterminator="\r\n").writerow([csvcells.escape(v) for v in values])
     return out.getvalue().encode("utf-8")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from sendkit import csvcells
 from sendkit.addresses import parse_mailbox
 from sendkit.db import Database, now_ms, suppressions
 from sendkit.errors import NotFound
@@ -181,11 +182,6 @@ async def export_csv(db: Database, account_id: str) -> AsyncIterator[bytes]:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
         for row in rows:
-            writer.writerow([_csv_safe(row.email_lower), row.reason, row.created_at])
+            writer.writerow([csvcells.escape(row.email_lower), row.reason, row.created_at])
         yield out.getvalue().encode()
         after = rows[-1].email_lower
-
-
-def _csv_safe(value: str) -> str:
-    # A cell starting with = + - @ runs as a formula in spreadsheets (CSV injection).
-    return "'" + value if value[:1] in ("=", "+", "-", "@") else value

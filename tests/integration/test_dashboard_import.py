@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import time
 from pathlib import Path
@@ -195,3 +196,42 @@ async def test_a_job_left_running_by_a_stopped_process_shows_as_interrupted(
     assert "The import stopped." in page.text and "interrupted" in page.text
     assert "hx-trigger" not in page.text
     assert (await imports.get_job(services.db, tenant.account_id, job.id)).status == "failed"
+
+
+async def test_export_defuses_formulas_and_imports_them_back_unchanged(
+    client: httpx.AsyncClient, services: Services, tmp_path: Path
+) -> None:
+    """A cell starting with = + - @ would run as a formula in a spreadsheet (CSV
+    injection): the export puts an apostrophe before it, the import takes it off."""
+    tenant = await signed_in(client, services)
+    risky = {
+        "firstName": '=HYPERLINK("https://evil.example","x")',
+        "lastName": "-dash",
+        "company": "+1 Corp",
+    }
+    seed = tmp_path / "seed.csv"
+    with seed.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["emailAddress", *risky])
+        writer.writerow(["-lead@example.com", *risky.values()])
+    job = await imports.create_job(services.db, tenant.account_id, tenant.app_id, "seed", seed)
+    await imports.run_job(services.db, job.id)
+
+    exported = (await client.get(f"/apps/{tenant.app_id}/contacts.csv")).content.decode()
+    header, line = exported.splitlines()[:2]
+    cells = dict(zip(header.split(","), next(csv.reader([line])), strict=False))
+    assert cells["emailAddress"] == "'-lead@example.com"
+    assert {k: cells[k] for k in risky} == {k: "'" + v for k, v in risky.items()}
+
+    job_id = await upload(client, tenant, "export.csv", exported.encode())
+    await finish(services)
+    job = await imports.get_job(services.db, tenant.account_id, job_id)
+    assert (job.updated_rows, job.error_rows) == (1, 0)
+    page = await contacts.list_page(
+        services.db,
+        tenant.account_id,
+        contacts.ContactQuery.model_validate({"appId": tenant.app_id}),
+    )
+    (contact,) = page["list"]
+    assert contact["emailAddress"] == "-lead@example.com"
+    assert {k: contact[k] for k in risky} == risky
