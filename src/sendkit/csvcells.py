@@ -11,12 +11,14 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def escape(value: Any) -> Any:
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+    # Also a value that already starts with apostrophes before such a character: one
+    # more in front, so that `unescape` gives every value back exactly.
+    if isinstance(value, str) and value.lstrip("'").startswith(_FORMULA_STARTS):
         return "'" + value
     return value
 
 
 def unescape(value: str) -> str:
-    if value.startswith("'") and value[1:].startswith(_FORMULA_STARTS):
+    if value.startswith("'") and value.lstrip("'").startswith(_FORMULA_STARTS):
         return value[1:]
     return value

@@ -19,7 +19,7 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
-from sendkit import accounts, logs
+from sendkit import accounts, dkim, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.runner import run_process
@@ -122,6 +122,9 @@ def _serve_web(settings: Settings) -> None:
 
 def _deliver(settings_json: str, parent: int) -> None:
     """One delivery process: `sendkit worker` with the parent's settings, niced."""
+    # The parent ignores SIGTERM while it stops its children; a child started meanwhile
+    # must still hear it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _end_with_parent(parent)
     # Its own process group: a terminal's Ctrl-C reaches `serve` alone, which stops the
     # API first and then asks this process (SIGTERM) to finish what it has in flight.
@@ -130,6 +133,8 @@ def _deliver(settings_json: str, parent: int) -> None:
     with contextlib.suppress(OSError):
         os.nice(settings.worker_niceness)
     logs.configure(json=settings.json_logs, level=settings.log_level, with_pid=True)
+    # Niced as a whole already, with no API to make way for.
+    dkim.keep_signing_at_process_priority()
     run_process(settings)
 
 
@@ -184,7 +189,10 @@ class DeliveryProcesses:
         while not self._stopping.is_set():
             process = self._processes[slot]
             process.join()
-            if process.exitcode == 0 or self._stopping.wait(self.RESTART_PAUSE):
+            if process.exitcode == 0:
+                log.info("delivery_process_stopped", pid=process.pid)
+                return
+            if self._stopping.wait(self.RESTART_PAUSE):
                 return
             log.error("delivery_process_exited", pid=process.pid, code=process.exitcode)
             with self._lock:  # never start one after __exit__ has looked
@@ -193,17 +201,28 @@ class DeliveryProcesses:
                 self._processes[slot] = self._start()
 
     def __exit__(self, *exc_info: object) -> None:
-        # A second SIGTERM must not cut the graceful stop short halfway.
-        with contextlib.suppress(ValueError):  # not the main thread: nothing to change
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with self._lock:
             self._stopping.set()
-        for process in self._processes:
-            if process.is_alive():
-                process.terminate()  # SIGTERM: in-flight transactions finish first
-        deadline = time.monotonic() + self._stop_timeout
-        for process in self._processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
+        # A second SIGTERM must not cut the graceful stop short halfway.
+        previous = _ignore_sigterm()
+        try:
+            for process in self._processes:
+                if process.is_alive():
+                    process.terminate()  # SIGTERM: in-flight transactions finish first
+            deadline = time.monotonic() + self._stop_timeout
+            for process in self._processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigterm() -> Any:
+    """The previous SIGTERM handler, now ignored; None off the main thread (unchanged)."""
+    try:
+        return signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        return None

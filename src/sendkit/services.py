@@ -64,5 +64,5 @@ def build(settings: Settings) -> Services:
         limiter=RateLimiter(settings.redis_url, redis=redis_client),
         replay_guard=guard,
         redis=redis_client,
-        wakes=WakeSender(directory(settings.data_dir)),
+        wakes=WakeSender.create(directory(settings.data_dir)),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -21,18 +21,18 @@ from sendkit import logs
 log = logs.get("sendkit.wakeups")
 
 _PATTERN = "delivery-*.sock"
-# A burst of sends wakes each process at most this often: it claims in batches anyway.
-_MIN_GAP_SECONDS = 0.005
 # Delivery processes come and go (restarts): the list is read again after this long.
 _RELIST_SECONDS = 1.0
 
 
 def directory(data_dir: Path) -> Path:
-    return data_dir / "run"
+    # Absolute: a `sendkit worker` started elsewhere must find the same directory.
+    return data_dir.resolve() / "run"
 
 
 class WakeSender:
-    """Used where messages are queued (the API, `sendkit smtpd`)."""
+    """Used where messages are queued (the API, `sendkit smtpd`). Every queued message
+    pings: a dropped ping could leave the last message of a burst to the next poll."""
 
     def __init__(self, where: Path) -> None:
         self._where = where
@@ -40,20 +40,29 @@ class WakeSender:
         self._socket.setblocking(False)
         self._targets: list[str] = []
         self._listed_at = -_RELIST_SECONDS
-        self._sent_at = -_MIN_GAP_SECONDS
+
+    @classmethod
+    def create(cls, where: Path) -> WakeSender | None:
+        """A sender, or None where UNIX sockets do not exist (delivery polls there)."""
+        try:
+            return cls(where)
+        except (AttributeError, OSError):
+            return None
 
     def ping(self) -> None:
         now = time.monotonic()
-        if now - self._sent_at < _MIN_GAP_SECONDS:
-            return
-        self._sent_at = now
         if now - self._listed_at >= _RELIST_SECONDS:
             self._listed_at = now
             self._targets = [str(path) for path in self._where.glob(_PATTERN)]
         for target in self._targets:
-            # Gone, full or never there: that process finds the message at its next poll.
-            with contextlib.suppress(OSError):
+            try:
                 self._socket.sendto(b"!", target)
+            except ConnectionRefusedError:
+                # Nobody listens there any more: a delivery process that was killed.
+                with contextlib.suppress(OSError):
+                    Path(target).unlink()
+            except OSError:
+                pass  # full or gone: that process finds the message at its next poll
 
     def close(self) -> None:
         self._socket.close()
@@ -66,9 +75,8 @@ class WakeReceiver:
         self._on_wake = on_wake
         self._loop = asyncio.get_running_loop()
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _forget_the_dead(where)
-        self.path = where / f"delivery-{os.getpid()}.sock"
-        self.path.unlink(missing_ok=True)
+        # Never another process's name, also across containers sharing the directory.
+        self.path = where / f"delivery-{secrets.token_hex(8)}.sock"
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._socket.bind(str(self.path))  # fails beyond ~107 bytes of path
@@ -83,7 +91,7 @@ class WakeReceiver:
         """A receiver, or None (and polling alone) where the socket cannot be made."""
         try:
             return cls(where, on_wake)
-        except OSError as exc:
+        except (AttributeError, OSError) as exc:
             log.warning("wakeups_unavailable", error=str(exc))
             return None
 
@@ -97,11 +105,3 @@ class WakeReceiver:
         self._loop.remove_reader(self._socket.fileno())
         self._socket.close()
         self.path.unlink(missing_ok=True)
-
-
-def _forget_the_dead(where: Path) -> None:
-    """Sockets left by delivery processes that were killed (no cleanup ran)."""
-    for path in where.glob(_PATTERN):
-        pid = path.stem.removeprefix("delivery-")
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
-            path.unlink(missing_ok=True)

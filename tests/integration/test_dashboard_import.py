@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sendkit import contacts, imports
+from sendkit import contacts, csvcells, imports
 from sendkit.db import import_jobs
 from sendkit.services import Services
 from tests.conftest import Tenant, make_tenant
@@ -207,13 +207,13 @@ async def test_export_defuses_formulas_and_imports_them_back_unchanged(
     risky = {
         "firstName": '=HYPERLINK("https://evil.example","x")',
         "lastName": "-dash",
-        "company": "+1 Corp",
+        "company": "'+1 Corp",  # an apostrophe of its own survives the round trip
     }
     seed = tmp_path / "seed.csv"
     with seed.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["emailAddress", *risky])
-        writer.writerow(["-lead@example.com", *risky.values()])
+        writer.writerow([csvcells.escape(v) for v in ["-lead@example.com", *risky.values()]])
     job = await imports.create_job(services.db, tenant.account_id, tenant.app_id, "seed", seed)
     await imports.run_job(services.db, job.id)
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-import uvloop
-
-from sendkit import dkim, logs, wakeups
+from sendkit import logs, wakeups
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.worker import Worker, make_transport
@@ -57,10 +55,15 @@ def start_workers(services: Services, *, concurrency: int | None = None) -> Runn
 
 def run_process(settings: Settings, *, concurrency: int | None = None) -> None:
     """A delivery process (`sendkit worker`, or one of `sendkit serve`'s) until SIGTERM
-    or SIGINT, on uvloop: the delivery loop is mostly socket I/O, which uvloop's
-    transports do in C (uvicorn runs the API on it too)."""
-    dkim.keep_signing_at_process_priority()
-    uvloop.run(run_standalone(settings, concurrency=concurrency))
+    or SIGINT, on uvloop where it is installed: the delivery loop is mostly socket I/O,
+    which uvloop's transports do in C (uvicorn runs the API on it too)."""
+    main = run_standalone(settings, concurrency=concurrency)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def run_standalone(settings: Settings, *, concurrency: int | None = None) -> None:
@@ -73,14 +76,16 @@ async def run_standalone(settings: Settings, *, concurrency: int | None = None) 
         receiver = WakeReceiver.listen(
             wakeups.directory(settings.data_dir), running.worker.wakeup.set
         )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, running.stop_event.set)
-        log.info("worker_started", concurrency=running.worker.concurrency)
-        await running.stop_event.wait()
-        log.info("worker_stopping")
-        if receiver is not None:
-            receiver.close()
-        await running.stop()
+        try:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, running.stop_event.set)
+            log.info("worker_started", concurrency=running.worker.concurrency)
+            await running.stop_event.wait()
+            log.info("worker_stopping")
+        finally:
+            if receiver is not None:
+                receiver.close()
+            await running.stop()
     finally:
         await services.close()

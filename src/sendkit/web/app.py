@@ -66,7 +66,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     dashboard.install(app)  # pages under /, after the API's handlers (it wraps the 404 one)
-    app.add_middleware(RequestContext, direct=_direct_routes(), on_error=_sendkit_error)
+    app.add_middleware(RequestContext, direct=_direct_routes())
     return app
 
 

@@ -27,7 +27,6 @@ from sendkit.web.ops import observe_request
 log = logs.get("sendkit.http")
 
 Handler = Callable[[Request], Awaitable[Response]]
-ErrorHandler = Callable[[Request, SendKitError], Awaitable[Response]]
 # (method, path) -> the route (for metrics) and its handler
 DirectRoutes = Mapping[tuple[str, str], tuple[BaseRoute, Handler]]
 
@@ -41,17 +40,9 @@ class RequestContext:
     that 500 included, is counted by route template (`ops.observe_request`).
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        direct: DirectRoutes | None = None,
-        on_error: ErrorHandler | None = None,
-    ) -> None:
+    def __init__(self, app: ASGIApp, direct: DirectRoutes | None = None) -> None:
         self.app = app
         self._direct = dict(direct or {})
-        self._on_error = on_error
-        if self._direct and on_error is None:
-            raise ValueError("direct routes need the error handler")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,7 +99,18 @@ class RequestContext:
         request = Request(scope, receive)
         try:
             response = await handler(request)
-        except SendKitError as exc:
-            assert self._on_error is not None
-            response = await self._on_error(request, exc)
+        except Exception as exc:
+            # The app's own handlers, as its exception middleware would pick them (by the
+            # exception's classes, most specific first); none: the last-resort 500.
+            on_error = _handler_for(scope["app"].exception_handlers, exc)
+            if on_error is None:
+                raise
+            response = await on_error(request, exc)
         await response(scope, receive, send)
+
+
+def _handler_for(handlers: Mapping[Any, Any], exc: Exception) -> Any:
+    for kind in type(exc).__mro__:
+        if kind in handlers:
+            return handlers[kind]
+    return None
