@@ -154,7 +154,7 @@ _PR_SET_PDEATHSIG = 1
 class DeliveryProcesses:
     """`worker_processes` delivery processes for as long as the API runs; one that dies
     is started again (after a pause, so a crash loop does not spin). One that exits
-    cleanly was asked to (a signal from outside): it is not."""
+    cleanly, or by SIGTERM, was asked to stop: it is not."""
 
     RESTART_PAUSE = 1.0
 
@@ -189,8 +189,10 @@ class DeliveryProcesses:
         while not self._stopping.is_set():
             process = self._processes[slot]
             process.join()
-            if process.exitcode == 0:
-                log.info("delivery_process_stopped", pid=process.pid)
+            # Finished, or ended by a SIGTERM that came before its handler was in place:
+            # either way it was asked to stop. Anything else (a crash, SIGKILL) restarts.
+            if process.exitcode in (0, -signal.SIGTERM):
+                log.info("delivery_process_stopped", pid=process.pid, code=process.exitcode)
                 return
             if self._stopping.wait(self.RESTART_PAUSE):
                 return
