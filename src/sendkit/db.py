@@ -10,9 +10,9 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -436,13 +436,9 @@ class Database:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self._writer_slot():
-            try:
+            with _unavailable_is_503():
                 async with self.engine.begin() as conn:
                     yield conn
-            except DBAPIError as exc:
-                if _is_unavailable(exc):
-                    raise ServiceUnavailable() from exc
-                raise
 
     @asynccontextmanager
     async def _writer_slot(self) -> AsyncIterator[None]:
@@ -507,7 +503,7 @@ class Database:
 
     async def _commit_group(self, group: list[_Write[Any]]) -> None:
         try:
-            outcomes = await self._run_group(group)
+            outcomes = await self._transact_group(group)
         except BaseException as exc:  # the commit failed: nothing of this group is stored
             for item in group:
                 if not item.future.done():
@@ -523,7 +519,7 @@ class Database:
             else:
                 item.future.set_exception(error)
 
-    async def _run_group(self, group: list[_Write[Any]]) -> list[_Outcome]:
+    async def _transact_group(self, group: list[_Write[Any]]) -> list[_Outcome]:
         if self._group_writer is None:
             async with self._transaction() as conn:
                 return await _run_group(conn, group)
@@ -630,13 +626,8 @@ class _GroupWriter:
                     task.cancel()
 
     def _commit(self, group: list[_Write[Any]]) -> list[_Outcome]:
-        try:
-            with self.engine.begin() as conn:
-                return _run_group_now(SyncBackedConnection(conn).as_async(), group)
-        except DBAPIError as exc:
-            if _is_unavailable(exc):
-                raise ServiceUnavailable() from exc
-            raise
+        with _unavailable_is_503(), self.engine.begin() as conn:
+            return _run_group_now(SyncBackedConnection(conn).as_async(), group)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -693,6 +684,17 @@ _UNAVAILABLE = (
     "connection refused",
     "cannot connect now",
 )
+
+
+@contextmanager
+def _unavailable_is_503() -> Iterator[None]:
+    """A locked, full or unreachable database, as the 503 every caller can answer."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if _is_unavailable(exc):
+            raise ServiceUnavailable() from exc
+        raise
 
 
 def _is_unavailable(exc: DBAPIError) -> bool:

@@ -12,26 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.test_processes import children
+from tests.integration.test_processes import SEND, serving_processes
 from tests.live import LiveServer, live_server
 
 pytestmark = [pytest.mark.slow]
-
-SEND = {"from": "from@example.com", "to": "to@example.com", "subject": "s", "body": "b"}
-
-
-def delivery_processes(server: LiveServer) -> set[int]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = {
-            pid
-            for pid in children(server.pid)
-            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-        }
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"no delivery process under {server.pid}")
 
 
 def niceness(pid: int) -> int:
@@ -71,7 +55,7 @@ def test_delivery_runs_in_its_own_lower_priority_process(tmp_path: Path, databas
         SENDKIT_POLL_INTERVAL="60",
     ) as server:
         token = server.cli("init", "--demo")["apiKey"]
-        (worker,) = delivery_processes(server)
+        (worker,) = serving_processes(server, 1)
         assert niceness(worker) == niceness(server.pid) + 10
         time.sleep(1.5)  # its first (empty) claim is over: it sleeps until woken
         assert send_and_wait(server, token, within=10) == worker
@@ -83,7 +67,7 @@ def test_delivery_runs_in_its_own_lower_priority_process(tmp_path: Path, databas
         # A delivery process that dies is replaced, and the queue keeps draining.
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (found := delivery_processes(server)) == {worker}:
+        while (found := serving_processes(server, 1)) == {worker}:
             assert time.monotonic() < deadline, "the delivery process was not replaced"
             time.sleep(0.2)
         (replacement,) = found
@@ -106,16 +90,13 @@ def test_a_delivery_process_asked_to_stop_is_not_restarted(
         tmp_path, database_url, SENDKIT_WORKER_PROCESSES="2", SENDKIT_JSON_LOGS="true"
     ) as server:
         token = server.cli("init", "--demo")["apiKey"]
-        deadline = time.monotonic() + 30
-        while len(workers := delivery_processes(server)) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        workers = serving_processes(server, 2)
         for pid in workers:
             assert os.getpgid(pid) == pid
         stopped, other = sorted(workers)
         os.kill(stopped, signal.SIGTERM)
         time.sleep(RESTART_WAIT)
-        assert delivery_processes(server) == {other}
+        assert serving_processes(server, 1) == {other}
         assert send_and_wait(server, token) == other
     assert not Path(f"/proc/{other}").exists()
 

@@ -3,8 +3,8 @@ last-resort 500. One ASGI layer for all of it: each layer costs every request a 
 
 It also calls the documented `/v1` handlers itself ("direct routes"): their path is
 fixed and they take the bare `Request`, so FastAPI's exception middleware, exit stack,
-router matching and endpoint wrapper (about a third of a send's CPU in-process) only
-repeat what the handler and the one error handler already do. The routes stay
+router matching and endpoint wrapper (about a quarter of a send's CPU in-process) only
+repeat what the handler and the app's error handlers already do. The routes stay
 registered with FastAPI as well (OpenAPI, 405s, other methods)."""
 
 from __future__ import annotations
