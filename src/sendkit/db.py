@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -405,6 +406,7 @@ class Database:
         self.cache = TtlCache(cache_seconds)
         self.is_sqlite = url.startswith("sqlite")
         self.engine: AsyncEngine = _create_engine(url, echo=echo, lock_timeout=lock_timeout)
+        self._lock_timeout = lock_timeout
         self._pending: list[_Write[Any]] = []
         self._committer: asyncio.Task[None] | None = None
         # SQLite has one writer; queueing for it here is fair and fast, where SQLite's own
@@ -505,9 +507,7 @@ class Database:
         try:
             outcomes = await self._transact_group(group)
         except BaseException as exc:  # the commit failed: nothing of this group is stored
-            for item in group:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            _fail(group, exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -523,8 +523,14 @@ class Database:
         if self._group_writer is None:
             async with self._transaction() as conn:
                 return await _run_group(conn, group)
+        lock = self._file_lock
+        assert self._sqlite_writer is not None
+        async with self._sqlite_writer:
+            if lock is not None and lock.usable_from_thread():
+                # The writer thread takes the file lock itself, bounded by the timeout.
+                return await self._group_writer.run(group, lock, self._lock_timeout)
         async with self._writer_slot():
-            return await self._group_writer.run(group)
+            return await self._group_writer.run(group, None, self._lock_timeout)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -606,18 +612,29 @@ class _GroupWriter:
         event.listen(self.engine, "begin", _sqlite_on_begin)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sendkit-sqlite-writer")
 
-    async def run(self, group: list[_Write[Any]]) -> list[_Outcome]:
+    async def run(
+        self, group: list[_Write[Any]], lock: WriterLock | None, lock_wait: float
+    ) -> list[_Outcome]:
         """The group's outcomes, once its transaction has ended; the caller holds the
-        writer lock meanwhile. Cancelled midway, it still waits for the thread (the lock
-        must not be released under a running transaction), hands back what was really
-        committed, and the cancellation comes at the caller's next await."""
+        process's writer lock meanwhile, and the thread takes `lock` (between processes)
+        first. If that takes over `lock_wait` seconds, the group's callers hear 503 and the group
+        never runs; this still returns only when the thread is done with the lock.
+        Cancelled midway, it still waits for the thread (the lock must not be released
+        under a running transaction), hands back what was really committed, and the
+        cancellation comes at the caller's next await."""
         loop = asyncio.get_running_loop()
+        claim = _Claim()
         # The caller's context goes along: log lines keep its fields.
-        call = functools.partial(contextvars.copy_context().run, self._commit, group)
+        call = functools.partial(contextvars.copy_context().run, self._commit, group, lock, claim)
         done = loop.run_in_executor(self._thread, call)
         try:
-            return await asyncio.shield(done)
+            return await asyncio.wait_for(asyncio.shield(done), lock_wait)
+        except TimeoutError:
+            if claim.give_up():
+                _fail(group, ServiceUnavailable())
+            return await _wait_out(done)
         except asyncio.CancelledError:
+            claim.give_up()
             task = asyncio.current_task()
             try:
                 return await _wait_out(done)
@@ -625,13 +642,51 @@ class _GroupWriter:
                 if task is not None:
                     task.cancel()
 
-    def _commit(self, group: list[_Write[Any]]) -> list[_Outcome]:
-        with _unavailable_is_503(), self.engine.begin() as conn:
-            return _run_group_now(SyncBackedConnection(conn).as_async(), group)
+    def _commit(
+        self, group: list[_Write[Any]], lock: WriterLock | None, claim: _Claim
+    ) -> list[_Outcome]:
+        if lock is not None:
+            lock.hold()
+        try:
+            if not claim.start():
+                return []  # its callers have had their answer already
+            with _unavailable_is_503(), self.engine.begin() as conn:
+                return _run_group_now(SyncBackedConnection(conn).as_async(), group)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
         self.engine.dispose()
+
+
+class _Claim:
+    """Who settles a group whose writer thread waits long for the file lock: the thread
+    (it got the lock in time and runs the group) or the caller (it gave up first: the
+    group's callers hear 503 and the group is never run)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "waiting"
+
+    def start(self) -> bool:
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "running"
+            return self._state == "running"
+
+    def give_up(self) -> bool:
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "abandoned"
+            return self._state == "abandoned"
+
+
+def _fail(group: list[_Write[Any]], error: BaseException) -> None:
+    for item in group:
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 async def _wait_out(future: asyncio.Future[T]) -> T:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit.db import Database, events, now_ms, webhook_deliveries, webhook_endpoints
+from sendkit.prepared import Prepared, json_rows, rows_param
 
 
 class EventType(StrEnum):
@@ -204,15 +205,22 @@ async def list_for_account(
         return [to_api(r) for r in rows]
 
 
-_HOOKED_ACCOUNTS = (
-    sa.select(webhook_endpoints.c.account_id)
-    .where(webhook_endpoints.c.account_id.in_(sa.bindparam("account_ids", expanding=True)))
-    .distinct()
+_HOOKED_ACCOUNTS = Prepared(
+    lambda dialect: (
+        sa.select(webhook_endpoints.c.account_id)
+        .where(webhook_endpoints.c.account_id.in_(json_rows(dialect, 1)))
+        .distinct()
+    )
 )
 # Several rows with RETURNING in the order given: SQLAlchemy batches them ("insertmanyvalues")
 # and matches each returned id to its parameters.
 _INSERT_EVENTS_RETURNING = events.insert().returning(events.c.id, sort_by_parameter_order=True)
-_INSERT_EVENTS = events.insert()
+_INSERT_EVENTS = Prepared(
+    lambda _: events.insert().values(
+        {c: sa.bindparam(c) for c in ("account_id", "message_id", "type", "data", "created_at")}
+    ),
+    multi_row=True,
+)
 
 
 async def record_many(
@@ -225,7 +233,8 @@ async def record_many(
     if not entries:
         return
     account_ids = sorted({entry[0] for entry in entries})
-    hooked = set(await conn.scalars(_HOOKED_ACCOUNTS, {"account_ids": account_ids}))
+    found = await _HOOKED_ACCOUNTS.execute(conn, rows_param([[a] for a in account_ids]))
+    hooked = set(found.scalars())
     now = now_ms()
     plain: list[dict[str, Any]] = []
     hooked_rows: list[dict[str, Any]] = []
@@ -238,7 +247,7 @@ async def record_many(
         else:
             plain.append(row)
     if plain:
-        await conn.execute(_INSERT_EVENTS, plain)
+        await _INSERT_EVENTS.execute_many(conn, plain)
     if not hooked_rows:
         return
     ids = (await conn.execute(_INSERT_EVENTS_RETURNING, hooked_rows)).scalars().all()

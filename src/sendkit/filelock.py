@@ -70,6 +70,24 @@ class WriterLock:
             raise
         self._wait = None  # done, and the lock is ours (a failed wait raised above)
 
+    def usable_from_thread(self) -> bool:
+        """Whether a thread may take the lock with `hold()` now: its file opens, and no
+        abandoned wait of an earlier caller is still running on the descriptor (its late
+        success would share this descriptor's lock, then hand it back mid-transaction)."""
+        if self._wait is not None:
+            return False
+        try:
+            self._descriptor()
+        except OSError:
+            return False
+        return True
+
+    def hold(self) -> None:
+        """Block the calling thread until the lock is ours (the SQLite writer thread: a
+        waiter is woken by the kernel as the holder lets go, with no thread started and
+        no event-loop round trip per hand-off). The caller bounds the wait itself."""
+        fcntl.flock(self._descriptor(), fcntl.LOCK_EX)
+
     def _start_wait(self, fd: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         wait: asyncio.Future[None] = loop.create_future()

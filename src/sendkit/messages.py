@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,12 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from sendkit import apps, domains, events, suppressions, unsubscribe
+from sendkit import apps, domains, events, ids, suppressions, unsubscribe
 from sendkit.accounts import Account, utc_today
 from sendkit.addresses import Mailbox, parse_mailbox
 from sendkit.contacts import AppId, Status
 from sendkit.db import Database, attempts, daily_usage, messages, now_ms
 from sendkit.errors import DailyLimitReached, MessageTooLarge
+from sendkit.prepared import Prepared
 from sendkit.validation import no_crlf
 
 # Headers the builder adds around the user's fields; counted so `size` is honest.
@@ -76,7 +76,7 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
     sender = request.sender
     await domains.check_sender(db, account.id, sender)
     recipient = request.recipient
-    message_id = secrets.token_hex(16)
+    message_id = ids.message_id()
     now = now_ms()
     row = {
         "id": message_id,
@@ -142,7 +142,7 @@ async def _store_batch(conn: AsyncConnection, items: list[_Pending]) -> list[Any
         entries.append((item.account.id, item.row["id"], status, data))
         results[i] = status
     if rows:
-        await conn.execute(messages.insert(), rows)
+        await _INSERT_MESSAGES.execute_many(conn, rows)
         await events.record_many(conn, entries)
     return results
 
@@ -172,17 +172,50 @@ def _insert(conn: AsyncConnection) -> Any:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
+def _take_all_statement(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(daily_usage).values(
+        account_id=sa.bindparam("account_id"), day=sa.bindparam("day"), sent=sa.bindparam("count")
+    )
+    return statement.on_conflict_do_update(
+        index_elements=["account_id", "day"],
+        set_={"sent": daily_usage.c.sent + statement.excluded.sent},
+        where=daily_usage.c.sent + statement.excluded.sent
+        <= sa.bindparam("daily_limit", type_=sa.Integer),
+    ).returning(daily_usage.c.sent)
+
+
+_TAKE_ALL = Prepared(_take_all_statement)
+_MESSAGE_COLUMNS = (
+    "id",
+    "request_id",
+    "account_id",
+    "app_pk",
+    "from_header",
+    "from_addr",
+    "to_header",
+    "to_addr",
+    "subject",
+    "body",
+    "size",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "status",
+    "next_attempt_at",
+)
+_INSERT_MESSAGES = Prepared(
+    lambda _: messages.insert().values({c: sa.bindparam(c) for c in _MESSAGE_COLUMNS}),
+    multi_row=True,
+)
+
+
 async def _take_all(
     conn: AsyncConnection, account_id: str, day: str, count: int, limit: int
 ) -> bool:
     """The usual case in one statement: all `count` fit, and are counted."""
-    statement = _insert(conn)(daily_usage).values(account_id=account_id, day=day, sent=count)
-    statement = statement.on_conflict_do_update(
-        index_elements=["account_id", "day"],
-        set_={"sent": daily_usage.c.sent + statement.excluded.sent},
-        where=daily_usage.c.sent + statement.excluded.sent <= limit,
-    ).returning(daily_usage.c.sent)
-    return (await conn.execute(statement)).first() is not None
+    params = {"account_id": account_id, "day": day, "count": count, "daily_limit": limit}
+    return (await _TAKE_ALL.execute(conn, params)).first() is not None
 
 
 async def _take_some(

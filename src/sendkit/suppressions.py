@@ -22,6 +22,7 @@ from sendkit import csvcells
 from sendkit.addresses import parse_mailbox
 from sendkit.db import Database, now_ms, suppressions
 from sendkit.errors import NotFound
+from sendkit.prepared import Prepared, json_rows, rows_param
 
 
 class Reason(StrEnum):
@@ -53,9 +54,9 @@ async def is_suppressed(conn: AsyncConnection, account_id: str, email: str) -> b
     return found is not None
 
 
-_SUPPRESSED_AMONG = sa.select(suppressions.c.account_id, suppressions.c.email_lower).where(
-    sa.tuple_(suppressions.c.account_id, suppressions.c.email_lower).in_(
-        sa.bindparam("pairs", expanding=True)
+_SUPPRESSED_AMONG = Prepared(
+    lambda dialect: sa.select(suppressions.c.account_id, suppressions.c.email_lower).where(
+        sa.tuple_(suppressions.c.account_id, suppressions.c.email_lower).in_(json_rows(dialect, 2))
     )
 )
 
@@ -68,7 +69,7 @@ async def suppressed_among(
     if not recipients:
         return set()
     pairs = sorted({(account_id, email.lower()) for account_id, email in recipients})
-    rows = await conn.execute(_SUPPRESSED_AMONG, {"pairs": pairs})
+    rows = await _SUPPRESSED_AMONG.execute(conn, rows_param(pairs))
     return {(r.account_id, r.email_lower) for r in rows}
 
 

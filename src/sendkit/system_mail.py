@@ -10,9 +10,8 @@ inbox, where the dashboard shows each user the ones addressed to them.
 from __future__ import annotations
 
 import html
-import uuid
 
-from sendkit import accounts, domains, messages, users
+from sendkit import accounts, domains, ids, messages, users
 from sendkit.accounts import Account
 from sendkit.addresses import parse_mailbox
 from sendkit.db import now_ms
@@ -62,7 +61,7 @@ async def send(services: Services, to: str, subject: str, body_html: str) -> str
     request = messages.SendRequest.model_validate(
         {"from": services.settings.system_from, "to": to, "subject": subject, "body": body_html}
     )
-    accepted = await messages.submit(services.db, account, request, str(uuid.uuid4()))
+    accepted = await messages.submit(services.db, account, request, ids.request_id())
     services.notify_queued()
     return accepted.message_id
 

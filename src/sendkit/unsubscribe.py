@@ -27,6 +27,7 @@ from sendkit.contacts import Status
 from sendkit.crypto import SecretBox
 from sendkit.db import Database, apps, contacts, now_ms
 from sendkit.errors import NotFound
+from sendkit.prepared import Prepared, json_rows, rows_param
 
 PURPOSE = "unsubscribe"
 MAILTO_PREFIX = "unsubscribe+"
@@ -156,10 +157,10 @@ _MEMBERSHIP = sa.select(contacts.c.id, contacts.c.status).where(
     contacts.c.app_pk == sa.bindparam("app_pk", type_=sa.String),
     contacts.c.email_lower == sa.bindparam("email", type_=sa.String),
 )
-_MEMBERSHIPS = sa.select(
-    contacts.c.app_pk, contacts.c.email_lower, contacts.c.id, contacts.c.status
-).where(
-    sa.tuple_(contacts.c.app_pk, contacts.c.email_lower).in_(sa.bindparam("pairs", expanding=True))
+_MEMBERSHIPS = Prepared(
+    lambda dialect: sa.select(
+        contacts.c.app_pk, contacts.c.email_lower, contacts.c.id, contacts.c.status
+    ).where(sa.tuple_(contacts.c.app_pk, contacts.c.email_lower).in_(json_rows(dialect, 2)))
 )
 
 
@@ -178,5 +179,5 @@ async def memberships(
     pairs = sorted({(app_pk, email.lower()) for app_pk, email in recipients})
     if not pairs:
         return {}
-    rows = await conn.execute(_MEMBERSHIPS, {"pairs": pairs})
+    rows = await _MEMBERSHIPS.execute(conn, rows_param(pairs))
     return {(r.app_pk, r.email_lower): Membership(r.id, r.status) for r in rows}

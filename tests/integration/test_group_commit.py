@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import accounts, logs, messages
 from sendkit.db import Database
+from sendkit.errors import ServiceUnavailable
+from sendkit.filelock import WriterLock
 from sendkit.services import Services
 from sendkit.syncconn import NotSynchronous
 from tests.conftest import SEND_EXAMPLE, Tenant, make_tenant
@@ -208,3 +210,55 @@ async def test_groups_naming_accounts_in_any_order_do_not_deadlock(
     await asyncio.gather(*(one([a, b] if i % 2 else [b, a]) for i in range(60)))
     for account_id in (a, b):
         assert await messages.sent_today(services.db, account_id) == 60
+
+
+async def _probe_db(tmp_path: Path, lock_timeout: float) -> Database:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'locked.db'}", lock_timeout=lock_timeout)
+    async with db.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+    return db
+
+
+async def _insert(conn: AsyncConnection) -> str:
+    await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+    return "stored"
+
+
+async def test_the_writer_thread_waits_for_another_processes_file_lock(tmp_path: Path) -> None:
+    """The group's thread takes the lock between processes itself, as it is released."""
+    db = await _probe_db(tmp_path, lock_timeout=5)
+    other = WriterLock(tmp_path / "locked.db.writer-lock", 5)  # another process's descriptor
+    try:
+        await other.acquire()
+        write = asyncio.ensure_future(db.write(_insert))
+        await asyncio.sleep(0.3)
+        assert not write.done()
+        released = time.monotonic()
+        other.release()
+        assert await write == "stored"
+        assert time.monotonic() - released < 0.2
+        async with db.read() as conn:
+            assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1]
+    finally:
+        other.close()
+        await db.dispose()
+
+
+async def test_a_file_lock_held_past_the_timeout_answers_503_and_the_group_never_runs(
+    tmp_path: Path,
+) -> None:
+    db = await _probe_db(tmp_path, lock_timeout=0.3)
+    other = WriterLock(tmp_path / "locked.db.writer-lock", 5)
+    try:
+        await other.acquire()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            await db.write(_insert)
+        assert time.monotonic() - started < 1.0
+        other.release()  # the abandoned group's thread gets the lock now: it must not run
+        assert await db.write(_insert) == "stored"
+        async with db.read() as conn:
+            assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1]
+    finally:
+        other.close()
+        await db.dispose()

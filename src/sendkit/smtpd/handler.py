@@ -13,10 +13,9 @@ Two kinds of session share one port:
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
-from sendkit import accounts, bounces, domains, logs, messages, unsubscribe
+from sendkit import accounts, bounces, domains, ids, logs, messages, unsubscribe
 from sendkit.accounts import Account, ensure_usable, utc_today
 from sendkit.addresses import parse_mailbox
 from sendkit.errors import BadRequest, MessageTooLarge, NotFound, SendKitError
@@ -141,7 +140,7 @@ class Handler:
         request = submission.to_send_request(raw, envelope.rcpt_tos[0])
         if len(raw) > account.max_message_size:
             raise MessageTooLarge()
-        request_id = str(uuid.uuid4())
+        request_id = ids.request_id()
         accepted = await messages.submit(self.services.db, account, request, request_id)
         self.services.notify_queued()
         log.info(

@@ -10,7 +10,6 @@ registered with FastAPI as well (OpenAPI, 405s, other methods)."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sendkit import logs
+from sendkit import ids, logs
 from sendkit.errors import SendKitError
 from sendkit.web import envelope
 from sendkit.web.ops import observe_request
@@ -32,7 +31,8 @@ DirectRoutes = Mapping[tuple[str, str], tuple[BaseRoute, Handler]]
 
 
 class RequestContext:
-    """Gives every request a uuid4 `requestId`, echoed in `X-Request-Id` and every log line.
+    """Gives every request a `requestId` (a UUIDv7: `ids.request_id`), echoed in
+    `X-Request-Id` and every log line.
 
     Handlers may put headers into `scope["state"]["extra_headers"]` (rate-limit headers);
     they are added here so error responses carry them too. An exception that escapes the
@@ -48,7 +48,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = str(uuid.uuid4())
+        request_id = ids.request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["extra_headers"] = {}

@@ -1,0 +1,98 @@
+"""Core statements compiled once per dialect and run as driver SQL.
+
+A send's group commit runs the same few statements for every group. Through
+`Connection.execute` each costs SQLAlchemy's per-execution work again (cache key, bind
+processing per row, result metadata): on the SQLite writer thread that was most of a
+group's CPU, and it holds the GIL the API's event loop needs. A `Prepared` statement is
+written with Core (so it reads like every other query and each dialect renders its own
+SQL), compiled once, and executed with `exec_driver_sql`. Only for statements whose
+parameters need no type processing: strings, integers and None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect, Result
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import TextClause
+
+Build = Callable[[str], ClauseElement]
+
+
+# Bound parameters per SQLite statement: the limit of SQLite builds before 3.32.
+_SQLITE_MAX_PARAMS = 999
+
+
+class Prepared:
+    """`build(dialect_name)` gives the statement; its bind parameters are named.
+
+    `multi_row`: for a plain `INSERT ... VALUES (...)`, `execute_many` on SQLite
+    sends up to that many rows per statement as one multi-row VALUES list. pysqlite's
+    executemany steps each row on its own and hands the GIL back and forth around each
+    step; on the writer thread each hand-back can wait for the busy event loop, with the
+    writer lock held all along."""
+
+    def __init__(self, build: Build, *, multi_row: bool = False) -> None:
+        self._build = build
+        self._multi_row = multi_row
+        self._compiled: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._multi: dict[int, str] = {}
+
+    def sql(self, dialect: Dialect) -> tuple[str, tuple[str, ...]]:
+        """The driver's SQL and the parameter names in their positional order."""
+        found = self._compiled.get(dialect.name)
+        if found is None:
+            compiled = cast(SQLCompiler, self._build(dialect.name).compile(dialect=dialect))
+            if not compiled.positional:
+                raise ValueError(f"{dialect.name}: a positional paramstyle is expected")
+            found = (compiled.string, tuple(compiled.positiontup or ()))
+            self._compiled[dialect.name] = found
+        return found
+
+    async def execute(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Result[Any]:
+        sql, names = self.sql(conn.dialect)
+        return await conn.exec_driver_sql(sql, tuple(params[n] for n in names))
+
+    async def execute_many(self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+        sql, names = self.sql(conn.dialect)
+        if not (self._multi_row and conn.dialect.name == "sqlite"):
+            await conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
+            return
+        per_statement = max(1, _SQLITE_MAX_PARAMS // max(1, len(names)))
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start : start + per_statement]
+            flat = tuple(row[n] for row in chunk for n in names)
+            await conn.exec_driver_sql(self._multi_sql(sql, len(chunk)), flat)
+
+    def _multi_sql(self, sql: str, count: int) -> str:
+        found = self._multi.get(count)
+        if found is None:
+            head, values, group = sql.rpartition(" VALUES ")
+            if not values or not group.startswith("(") or not group.endswith(")"):
+                raise ValueError("multi_row needs a plain INSERT ... VALUES (...)")
+            found = self._multi[count] = f"{head} VALUES {', '.join([group] * count)}"
+        return found
+
+
+def json_rows(dialect: str, width: int) -> TextClause:
+    """The rows of the JSON array of `width`-element arrays bound as `:rows`, as a
+    subquery for `IN`: one statement for any number of keys, where an expanding IN list
+    is rendered again by SQLAlchemy on every execution (and is a new SQL text per size)."""
+    if dialect == "postgresql":
+        columns = ", ".join(f"r->>{i}" for i in range(width))
+        sql = f"SELECT {columns} FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r"  # noqa: S608 (width: our int)
+    else:
+        columns = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
+        sql = f"SELECT {columns} FROM json_each(:rows)"  # noqa: S608 (width: our int)
+    return sa.text(sql)
+
+
+def rows_param(rows: Sequence[Sequence[str]]) -> dict[str, str]:
+    """The `:rows` parameter of `json_rows`."""
+    return {"rows": orjson.dumps(list(rows)).decode()}

@@ -1,0 +1,69 @@
+"""Statements compiled once and run as driver SQL: the same rows as through SQLAlchemy,
+on both databases, for any number of rows or keys."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from sendkit import suppressions, unsubscribe
+from sendkit.db import events
+from sendkit.prepared import Prepared
+from sendkit.services import Services
+from tests.conftest import Tenant
+
+_INSERT = Prepared(
+    lambda _: events.insert().values(
+        {c: sa.bindparam(c) for c in ("account_id", "message_id", "type", "data", "created_at")}
+    ),
+    multi_row=True,
+)
+
+
+async def test_a_multi_row_insert_stores_every_row_past_one_statements_size(
+    services: Services, tenant: Tenant
+) -> None:
+    # 5 columns: 199 rows fit one SQLite statement, so 450 take three.
+    rows = [
+        {
+            "account_id": tenant.account_id,
+            "message_id": f"m{i:04d}",
+            "type": "queued",
+            "data": f'{{"n": {i}}}',
+            "created_at": 1_700_000_000_000 + i,
+        }
+        for i in range(450)
+    ]
+    async with services.db.begin() as conn:
+        await _INSERT.execute_many(conn, rows)
+    async with services.db.read() as conn:
+        stored = (
+            await conn.execute(
+                sa.select(events.c.message_id, events.c.data, events.c.created_at)
+                .where(events.c.account_id == tenant.account_id)
+                .order_by(events.c.message_id)
+            )
+        ).all()
+    assert [tuple(r) for r in stored] == [
+        (r["message_id"], r["data"], r["created_at"]) for r in rows
+    ]
+
+
+async def test_lookups_by_a_json_list_of_keys_find_exactly_the_listed_pairs(
+    services: Services, tenant: Tenant
+) -> None:
+    async with services.db.begin() as conn:
+        for email in ("a@example.com", "b@example.com"):
+            await suppressions.add(conn, tenant.account_id, email, "manual")
+    async with services.db.read() as conn:
+        found = await suppressions.suppressed_among(
+            conn,
+            [
+                (tenant.account_id, "A@example.com"),
+                (tenant.account_id, "c@example.com"),
+                ("another-account", "b@example.com"),
+                (tenant.account_id, "b@example.com"),
+            ],
+        )
+        none = await unsubscribe.memberships(conn, [("no-app", "a@example.com")])
+    assert found == {(tenant.account_id, "a@example.com"), (tenant.account_id, "b@example.com")}
+    assert none == {}
