@@ -11,7 +11,7 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -379,6 +379,21 @@ P = TypeVar("P")
 # Handles many callers' payloads with a few set-based statements; returns one result (or
 # the SendKitError for that caller) per payload, in order.
 BatchFn = Callable[[AsyncConnection, list[P]], Awaitable[list[Any]]]
+L = TypeVar("L")
+
+
+@dataclass(frozen=True)
+class ReadThenWrite(Generic[P, L]):
+    """A batch handler in two steps. `read` looks things up for the whole batch; `write`
+    gets its answer. On SQLite `read` runs on a snapshot taken just before the write
+    transaction, outside the writer lock (which every process waits for); so only for
+    lookups that may be a moment old: checks repeated later, or harmless when stale."""
+
+    read: Callable[[AsyncConnection, list[P]], Coroutine[Any, Any, L]]
+    write: Callable[[AsyncConnection, list[P], L], Coroutine[Any, Any, list[Any]]]
+
+
+Batch = BatchFn[P] | ReadThenWrite[P, Any]
 
 
 @dataclass
@@ -386,7 +401,7 @@ class _Write(Generic[T]):
     fn: WriteFn[T] | None
     future: asyncio.Future[T]
     savepoint: bool
-    batch: BatchFn[Any] | None = None
+    batch: Batch[Any] | None = None
     payload: Any = None
 
 
@@ -481,7 +496,7 @@ class Database:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         return await self._queue(_Write(fn, future, savepoint))
 
-    async def write_batch(self, handler: BatchFn[P], payload: P) -> Any:
+    async def write_batch(self, handler: Batch[P], payload: P) -> Any:
         """Like `write()`, but every caller of the same `handler` in a group is served by
         one call with all their payloads: the statements per request shrink with load."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -554,10 +569,10 @@ _Outcome = tuple[_Write[Any], Any, BaseException | None]
 
 def _split(
     group: list[_Write[Any]],
-) -> tuple[list[_Write[Any]], dict[BatchFn[Any], list[_Write[Any]]]]:
+) -> tuple[list[_Write[Any]], dict[Batch[Any], list[_Write[Any]]]]:
     """The group's lone writes, and its batched payloads by handler."""
     alone: list[_Write[Any]] = []
-    batches: dict[BatchFn[Any], list[_Write[Any]]] = {}
+    batches: dict[Batch[Any], list[_Write[Any]]] = {}
     for item in group:
         if item.batch is not None:
             batches.setdefault(item.batch, []).append(item)
@@ -574,15 +589,29 @@ async def _run_group(conn: AsyncConnection, group: list[_Write[Any]]) -> list[_O
     return outcomes
 
 
-def _run_group_now(conn: AsyncConnection, group: list[_Write[Any]]) -> list[_Outcome]:
-    """`_run_group` on the writer thread, each write driven to its end on its own."""
+def _run_group_now(
+    conn: AsyncConnection, group: list[_Write[Any]], looked_up: dict[Batch[Any], Any]
+) -> list[_Outcome]:
+    """`_run_group` on the writer thread, each write driven to its end on its own, with
+    the two-step batches' reads done already (`_read_first`)."""
     alone, batches = _split(group)
     outcomes = [_run_one_now(conn, item) for item in alone]
     for handler, items in batches.items():
         # A batch handler has no savepoint: one that waits on anything else stops the
         # whole group (NotSynchronous), so nothing half-done commits.
-        outcomes.extend(run_to_end(_run_batch(conn, handler, items)))
+        run = _run_batch(conn, handler, items, looked_up.get(handler, _NOT_YET))
+        outcomes.extend(run_to_end(run))
     return outcomes
+
+
+def _read_first(conn: AsyncConnection, group: list[_Write[Any]]) -> dict[Batch[Any], Any]:
+    """The reads of the group's two-step batches, on the writer thread."""
+    _alone, batches = _split(group)
+    return {
+        handler: run_to_end(handler.read(conn, [item.payload for item in items]))
+        for handler, items in batches.items()
+        if isinstance(handler, ReadThenWrite)
+    }
 
 
 def _run_one_now(conn: AsyncConnection, item: _Write[Any]) -> _Outcome:
@@ -609,8 +638,10 @@ class _GroupWriter:
             connect_args={"timeout": lock_timeout, "check_same_thread": False},
         )
         event.listen(self.engine, "connect", _sqlite_on_connect)
+        event.listen(self.engine, "connect", _checkpoint_in_background)
         event.listen(self.engine, "begin", _sqlite_on_begin)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sendkit-sqlite-writer")
+        self._checkpointer = _Checkpointer(sync_url.database or "", lock_timeout)
 
     async def run(
         self, group: list[_Write[Any]], lock: WriterLock | None, lock_wait: float
@@ -645,20 +676,89 @@ class _GroupWriter:
     def _commit(
         self, group: list[_Write[Any]], lock: WriterLock | None, claim: _Claim
     ) -> list[_Outcome]:
+        self._checkpointer.start()
+        with _unavailable_is_503():
+            looked_up = self._read(group)
         if lock is not None:
             lock.hold()
         try:
             if not claim.start():
                 return []  # its callers have had their answer already
             with _unavailable_is_503(), self.engine.begin() as conn:
-                return _run_group_now(SyncBackedConnection(conn).as_async(), group)
+                return _run_group_now(SyncBackedConnection(conn).as_async(), group, looked_up)
         finally:
             if lock is not None:
                 lock.release()
 
+    def _read(self, group: list[_Write[Any]]) -> dict[Batch[Any], Any]:
+        """Before the writer lock: a read transaction (a snapshot, no lock held)."""
+        if not any(isinstance(item.batch, ReadThenWrite) for item in group):
+            return {}
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(sendkit_readonly=True)
+            try:
+                return _read_first(SyncBackedConnection(conn).as_async(), group)
+            finally:
+                conn.rollback()
+
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        self._checkpointer.stop()
         self.engine.dispose()
+
+
+# Pages the group writer's WAL may hold before a commit checkpoints it itself: a
+# backstop only, the checkpointer thread keeps it well below.
+_INLINE_CHECKPOINT_PAGES = 10_000
+_CHECKPOINT_EVERY = 0.25  # seconds
+
+
+def _checkpoint_in_background(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.execute(f"PRAGMA wal_autocheckpoint={_INLINE_CHECKPOINT_PAGES}")
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database file from a thread of its own. By default
+    the commit that passes 1,000 WAL pages does it, inside its transaction: with the
+    writer lock held, for every process waiting for it (a few ms every few thousand
+    sends, the slowest requests of a burst). A passive checkpoint runs beside writers."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._guard:
+            if self._thread is None and not self._stopping.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name="sendkit-sqlite-checkpoint", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        import sqlite3
+
+        conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
+        try:
+            while not self._stopping.wait(_CHECKPOINT_EVERY):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the next round tries again
+                    log.debug("checkpoint_failed", error=str(exc))
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        with self._guard:
+            self._stopping.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 class _Claim:
@@ -699,10 +799,22 @@ async def _wait_out(future: asyncio.Future[T]) -> T:
                 return future.result()
 
 
+_NOT_YET = object()
+
+
 async def _run_batch(
-    conn: AsyncConnection, handler: BatchFn[Any], items: list[_Write[Any]]
+    conn: AsyncConnection,
+    handler: Batch[Any],
+    items: list[_Write[Any]],
+    looked_up: Any = _NOT_YET,
 ) -> list[_Outcome]:
-    results = await handler(conn, [item.payload for item in items])
+    payloads = [item.payload for item in items]
+    if isinstance(handler, ReadThenWrite):
+        if looked_up is _NOT_YET:
+            looked_up = await handler.read(conn, payloads)
+        results = await handler.write(conn, payloads, looked_up)
+    else:
+        results = await handler(conn, payloads)
     return [
         (item, None, r) if isinstance(r, SendKitError) else (item, r, None)
         for item, r in zip(items, results, strict=True)

@@ -11,6 +11,7 @@ that did. The webhook worker (`webhooks.py`) sends the rows later, at least once
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from enum import StrEnum
 from typing import Any
 
@@ -223,18 +224,28 @@ _INSERT_EVENTS = Prepared(
 )
 
 
+async def hooked_accounts(conn: AsyncConnection, account_ids: Collection[str]) -> set[str]:
+    """Which of these accounts have webhook endpoints."""
+    if not account_ids:
+        return set()
+    rows = rows_param([[a] for a in sorted(account_ids)])
+    return set((await _HOOKED_ACCOUNTS.execute(conn, rows)).scalars())
+
+
 async def record_many(
-    conn: AsyncConnection, entries: list[tuple[str, str | None, str, dict[str, Any]]]
+    conn: AsyncConnection,
+    entries: list[tuple[str, str | None, str, dict[str, Any]]],
+    hooked: set[str] | None = None,
 ) -> None:
     """`record` for a batch of (account_id, message_id, type, data), with a fixed number of
     statements whatever its size: which accounts have endpoints, one insert of the events
     of the others, and for accounts with endpoints one insert of their events (ids
-    returned) plus one executemany of the deliveries' INSERT ... SELECT."""
+    returned) plus one executemany of the deliveries' INSERT ... SELECT. `hooked`: the
+    accounts with endpoints, when the caller has looked them up already."""
     if not entries:
         return
-    account_ids = sorted({entry[0] for entry in entries})
-    found = await _HOOKED_ACCOUNTS.execute(conn, rows_param([[a] for a in account_ids]))
-    hooked = set(found.scalars())
+    if hooked is None:
+        hooked = await hooked_accounts(conn, {entry[0] for entry in entries})
     now = now_ms()
     plain: list[dict[str, Any]] = []
     hooked_rows: list[dict[str, Any]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -28,12 +29,58 @@ def configure(*, json: bool = True, level: str = "INFO", with_pid: bool = False)
         if json
         else structlog.dev.ConsoleRenderer()
     )
+    chain = [*processors, renderer]
+    level_number = logging.getLevelName(level.upper())
     structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        processors=chain,
+        wrapper_class=structlog.make_filtering_bound_logger(level_number),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    global _json_lines
+    _json_lines = _JsonLines(chain, level_number <= logging.INFO, with_pid) if json else None
+
+
+class _JsonLines:
+    """What `configure(json=True)` makes of an info line, without structlog's work per
+    call (a logger bound through the lazy proxy, six processors, print and flush): a
+    quarter of a send's CPU in-process went to its one access line. Only while the
+    configuration `configure` installed is in place (tests and CLI commands swap it)."""
+
+    def __init__(self, chain: list[Any], enabled: bool, with_pid: bool) -> None:
+        self.chain = chain
+        self.enabled = enabled
+        self.with_pid = with_pid
+
+    def current(self) -> bool:
+        return structlog.get_config()["processors"] is self.chain
+
+    def info(self, event: str, fields: dict[str, Any]) -> None:
+        """The same keys, in the same order, as the processors above."""
+        if not self.enabled:
+            return
+        fields["event"] = event
+        request_id = _request_id.get()
+        if request_id is not None:
+            fields.setdefault("request_id", request_id)
+        if self.with_pid:
+            fields["pid"] = os.getpid()
+        fields["level"] = "info"
+        stamp = datetime.datetime.now(tz=datetime.UTC).isoformat()
+        fields["timestamp"] = stamp.replace("+00:00", "Z")
+        sys.stderr.write(_dumps(fields) + "\n")
+
+
+_json_lines: _JsonLines | None = None
+
+
+def info(logger: structlog.typing.FilteringBoundLogger, event: str, **fields: Any) -> None:
+    """`logger.info(event, **fields)`, for lines written on every request."""
+    lines = _json_lines
+    if lines is not None and lines.current():
+        lines.info(event, fields)
+    else:
+        logger.info(event, **fields)
 
 
 # The request being served, on every log line it causes. One ContextVar of our own: the

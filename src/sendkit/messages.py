@@ -14,7 +14,7 @@ from sendkit import apps, domains, events, ids, suppressions, unsubscribe
 from sendkit.accounts import Account, utc_today
 from sendkit.addresses import Mailbox, parse_mailbox
 from sendkit.contacts import AppId, Status
-from sendkit.db import Database, attempts, daily_usage, messages, now_ms
+from sendkit.db import Database, ReadThenWrite, attempts, daily_usage, messages, now_ms
 from sendkit.errors import DailyLimitReached, MessageTooLarge
 from sendkit.prepared import Prepared
 from sendkit.validation import no_crlf
@@ -103,7 +103,7 @@ async def submit(db: Database, account: Account, request: SendRequest, request_i
     }
     # Group commit: this request shares its transaction (and fsync) with its neighbours,
     # and the batch handler serves them all with a few set-based statements.
-    status = await db.write_batch(_store_batch, _Pending(account, row, data))
+    status = await db.write_batch(_STORE, _Pending(account, row, data))
     return Accepted(message_id, status)
 
 
@@ -121,12 +121,27 @@ class _Pending:
     event_data: dict[str, Any]
 
 
-async def _store_batch(conn: AsyncConnection, items: list[_Pending]) -> list[Any]:
-    """Checks 9 (daily limit) and the suppression lists for many sends, then one insert
-    of the messages and one of their events. The daily count is taken last before the
-    inserts: on PostgreSQL its row stays locked until the commit, so the reads come first."""
-    results: list[Any] = [DailyLimitReached() for _ in items]
+@dataclass(frozen=True)
+class _LookedUp:
+    reasons: dict[str, str]  # message id -> why it will not be attempted
+    hooked: set[str]  # accounts with webhook endpoints
+
+
+async def _look_up(conn: AsyncConnection, items: list[_Pending]) -> _LookedUp:
+    """The suppression lists and the webhook endpoints, read before the write lock: the
+    worker checks the lists again before each attempt, so a snapshot a moment old only
+    decides whether a message is marked suppressed now or at its attempt."""
     reasons = await _suppression_reasons(conn, items)
+    hooked = await events.hooked_accounts(conn, {item.account.id for item in items})
+    return _LookedUp(reasons, hooked)
+
+
+async def _store(conn: AsyncConnection, items: list[_Pending], looked_up: _LookedUp) -> list[Any]:
+    """Check 9 (daily limit) for many sends, then one insert of the messages and one of
+    their events. On PostgreSQL the daily count's row stays locked until the commit, so
+    the reads come first."""
+    results: list[Any] = [DailyLimitReached() for _ in items]
+    reasons = looked_up.reasons
     accepted = await _take_daily_quota(conn, items)
     rows: list[dict[str, Any]] = []
     entries: list[tuple[str, str | None, str, dict[str, Any]]] = []
@@ -143,8 +158,11 @@ async def _store_batch(conn: AsyncConnection, items: list[_Pending]) -> list[Any
         results[i] = status
     if rows:
         await _INSERT_MESSAGES.execute_many(conn, rows)
-        await events.record_many(conn, entries)
+        await events.record_many(conn, entries, looked_up.hooked)
     return results
+
+
+_STORE = ReadThenWrite(_look_up, _store)
 
 
 async def _take_daily_quota(conn: AsyncConnection, items: list[_Pending]) -> list[int]:

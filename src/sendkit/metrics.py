@@ -32,6 +32,7 @@ class Metrics:
             ["route", "method", "code"],
             registry=r,
         )
+        self._http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.http_duration = Histogram(
             "sendkit_http_request_duration_seconds",
             "HTTP request handling time by route template.",
@@ -76,6 +77,20 @@ class Metrics:
             ["status"],
             registry=r,
         )
+
+    def observe_http(self, route: str, method: str, code: int, seconds: float) -> None:
+        """One request, by route template, method and status. The labelled children are
+        kept: `labels()` formats and looks them up again under a lock on every call."""
+        key = (route, method, code)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (
+                self.http_requests.labels(route, method, str(code)),
+                self.http_duration.labels(route),
+            )
+            self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_delivery(
         self, outcome: str, *, latency_s: float | None, attempt_s: float | None

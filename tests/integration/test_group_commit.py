@@ -262,3 +262,28 @@ async def test_a_file_lock_held_past_the_timeout_answers_503_and_the_group_never
     finally:
         other.close()
         await db.dispose()
+
+
+async def test_the_wal_is_checkpointed_beside_the_writer_not_by_its_commits(
+    tmp_path: Path,
+) -> None:
+    """The group writer's commits leave checkpoints (copying the WAL back into the
+    database file, with the writer lock held) to a thread of their own."""
+    db = await _probe_db(tmp_path, lock_timeout=5)
+    main = tmp_path / "locked.db"
+    try:
+
+        async def blob(conn: AsyncConnection) -> None:
+            await conn.execute(sa.text("INSERT INTO t VALUES (randomblob(200000))"))
+
+        for _ in range(10):  # 2 MB: below both automatic thresholds (4 MB and 40 MB)
+            await db.write(blob)
+        assert db._group_writer is not None
+        with db._group_writer.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 10_000
+        deadline = time.monotonic() + 3
+        while main.stat().st_size < 2_000_000 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert main.stat().st_size >= 2_000_000  # copied back by the checkpointer
+    finally:
+        await db.dispose()

@@ -332,3 +332,42 @@ async def test_closing_services_releases_every_redis_connection(
         assert not leaked, f"{len(leaked)} Redis connection(s) still open after close()"
     finally:
         await built.close()  # idempotent; covers an early failure above
+
+
+async def _evalsha_calls(client: Any) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_redis_hits_of_a_burst_share_round_trips_and_each_counts_as_alone() -> None:
+    """Hits that arrive while a call is out go in the next one, each counted in order:
+    exactly each account's limit passes, and the remaining counts go down one by one."""
+    need_server("Redis", "127.0.0.1", 6379)
+    import redis.asyncio as aioredis
+
+    from sendkit.errors import RateLimited
+    from sendkit.ratelimit import RateLimiter
+
+    client = aioredis.from_url(REDIS_URL)
+    limiter = RateLimiter(redis=client)
+    first, second = f"burst-a-{os.getpid()}-{time.time_ns()}", f"burst-b-{time.time_ns()}"
+    try:
+        await limiter.hit(first, 100)  # the script is loaded; the window holds one hit
+        before = await _evalsha_calls(client)
+        hits = [
+            limiter.hit(account, limit)
+            for _ in range(15)
+            for account, limit in ((first, 8), (second, 3))
+        ]
+        outcomes = await asyncio.gather(*hits, return_exceptions=True)
+        calls = await _evalsha_calls(client) - before
+    finally:
+        await client.aclose()
+    passed_first = [o.remaining for o in outcomes[0::2] if not isinstance(o, BaseException)]
+    passed_second = [o.remaining for o in outcomes[1::2] if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert passed_first == [6, 5, 4, 3, 2, 1, 0]  # 8 per second, one hit already in
+    assert passed_second == [2, 1, 0]
+    assert len(refused) == 20 and all(isinstance(o, RateLimited) for o in refused)
+    assert 1 <= calls < len(hits)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import httpx
 from fastapi.routing import APIRoute
 
+from sendkit.config import Settings
+from sendkit.services import Services
 from sendkit.web import api
-from sendkit.web.app import _direct_routes
+from sendkit.web.app import _direct_routes, create_app
 from tests.conftest import SEND_EXAMPLE, Tenant, assert_envelope
 
 
@@ -53,3 +55,20 @@ def test_documented_routes_are_called_directly_and_stay_registered() -> None:
         for method in route.methods or ()
     }
     assert {key: handler for key, (_route, handler) in direct.items()} == registered
+
+
+async def test_documented_routes_are_answered_before_fastapis_layers(
+    settings: Settings, services: Services, tenant: Tenant
+) -> None:
+    """The app's door answers `/v1` without building Starlette's middleware stack (its
+    error, telemetry and exception layers); any other route goes through it."""
+    app = create_app(settings, services)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        sent = await client.post("/v1/send", json=SEND_EXAMPLE, headers=tenant.auth)
+        assert sent.status_code == 200, sent.text
+        assert sent.headers["x-request-id"] == sent.json()["requestId"]
+        assert app.middleware_stack is None
+        health = await client.get("/healthz")
+        assert health.status_code == 200
+        assert app.middleware_stack is not None

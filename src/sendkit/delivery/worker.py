@@ -400,7 +400,8 @@ class Worker:
         self.services.metrics.observe_delivery(outcome.status, latency_s=latency, attempt_s=attempt)
 
     def log_event(self, message: Claimed, outcome: Outcome, result: DeliveryResult) -> None:
-        log.info(
+        logs.info(
+            log,
             "delivery",
             message_id=message.id,
             status=outcome.status,

@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
+from starlette.types import Receive, Scope, Send
 
 from sendkit import __version__, logs
 from sendkit import services as services_mod
@@ -22,6 +23,23 @@ from sendkit.web import api, dashboard, deliverability, envelope, ops, unsubscri
 from sendkit.web.middleware import DirectRoutes, Handler, RequestContext
 
 log = logs.get("sendkit.web")
+
+
+class _SendKitAPI(FastAPI):
+    """FastAPI, with the documented `/v1` routes served at the door: by `front` (the same
+    RequestContext as every other route gets, with the direct routes), before FastAPI's
+    and Starlette's layers (native telemetry, error, body-limit and exception
+    middlewares), which only repeat what RequestContext and the handlers do."""
+
+    front: RequestContext | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        front = self.front
+        if front is not None and scope["type"] == "http" and front.serves(scope):
+            scope["app"] = self
+            await front(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
@@ -50,7 +68,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             if own:
                 await app.state.services.close()
 
-    app = FastAPI(
+    app = _SendKitAPI(
         title="SendKit",
         version=__version__,
         lifespan=lifespan,
@@ -66,7 +84,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     dashboard.install(app)  # pages under /, after the API's handlers (it wraps the 404 one)
-    app.add_middleware(RequestContext, direct=_direct_routes())
+    app.add_middleware(RequestContext)
+    app.front = RequestContext(app, direct=_direct_routes())
     return app
 
 

@@ -1,11 +1,12 @@
 """The outermost layer: request ids, extra headers, access logs, request metrics, and the
 last-resort 500. One ASGI layer for all of it: each layer costs every request a wrapper.
 
-It also calls the documented `/v1` handlers itself ("direct routes"): their path is
-fixed and they take the bare `Request`, so FastAPI's exception middleware, exit stack,
-router matching and endpoint wrapper (about a quarter of a send's CPU in-process) only
-repeat what the handler and the app's error handlers already do. The routes stay
-registered with FastAPI as well (OpenAPI, 405s, other methods)."""
+For the documented `/v1` routes ("direct routes") it is the app's door (`app.front`):
+it runs before FastAPI's own layers and calls the handlers itself. Their path is fixed
+and they take the bare `Request`, so FastAPI's telemetry, error and exception
+middlewares, exit stack, router matching and endpoint wrapper only repeat what this
+layer, the handlers and the app's error handlers already do. The routes stay registered
+with FastAPI as well (OpenAPI, 405s, other methods)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class RequestContext:
     def __init__(self, app: ASGIApp, direct: DirectRoutes | None = None) -> None:
         self.app = app
         self._direct = dict(direct or {})
+
+    def serves(self, scope: Scope) -> bool:
+        """Whether this is one of the direct routes."""
+        return (scope["method"], scope["path"]) in self._direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +87,8 @@ class RequestContext:
             # Also for a request cancelled midway (the client went away): counted, logged.
             seconds = time.perf_counter() - started
             observe_request(scope, status["code"], seconds)
-            log.info(
+            logs.info(
+                log,
                 "request",
                 method=scope["method"],
                 path=scope["path"],

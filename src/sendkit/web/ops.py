@@ -53,5 +53,4 @@ def observe_request(scope: Scope, code: int, seconds: float) -> None:
         return
     # The router writes the matched route into the shared scope.
     route = getattr(scope.get("route"), "path", None) or UNMATCHED
-    services.metrics.http_requests.labels(route, scope["method"], str(code)).inc()
-    services.metrics.http_duration.labels(route).observe(seconds)
+    services.metrics.observe_http(route, scope["method"], code, seconds)
