@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sendkit import events
 from sendkit.db import Database, attempts, messages, now_ms
 from sendkit.db import suppressions as suppressions_table
+from sendkit.prepared import Prepared
 
 DUE_STATUSES = ("queued", "deferred", "sending")
 
@@ -83,7 +84,7 @@ _CLAIM_COLUMNS = [
 ]
 
 
-def _claim_statement(skip_locked: bool) -> Any:
+def _claim_statement(skip_locked: bool, returning: bool = True) -> Any:
     due = (
         sa.select(messages.c.id)
         .where(
@@ -96,7 +97,7 @@ def _claim_statement(skip_locked: bool) -> Any:
     if skip_locked:
         due = due.with_for_update(skip_locked=True)
     until = sa.bindparam("until", type_=sa.BigInteger)
-    return (
+    claim = (
         messages.update()
         .where(messages.c.id.in_(due.scalar_subquery()))
         .values(
@@ -106,12 +107,26 @@ def _claim_statement(skip_locked: bool) -> Any:
             next_attempt_at=until,
             updated_at=sa.bindparam("now", type_=sa.BigInteger),
         )
-        .returning(*_CLAIM_COLUMNS)
     )
+    return claim.returning(*_CLAIM_COLUMNS) if returning else claim
 
 
-# SQLite serialises claimers through its single writer; PostgreSQL skips locked rows.
-_CLAIM = {"sqlite": _claim_statement(False), "postgresql": _claim_statement(True)}
+# PostgreSQL skips locked rows and returns the claimed ones at once.
+_CLAIM_RETURNING = _claim_statement(True)
+# SQLite serialises claimers through its single writer, which every process waits for:
+# the claim marks the rows (one step), and they are read after the commit. Returned
+# from the UPDATE, each row was a step of its own, handing the GIL back and forth with
+# the writer lock held (5-6 ms a claim in a delivery process whose loop is busy).
+_CLAIM_MARK = _claim_statement(False, returning=False)
+_CLAIMED = (
+    sa.select(*_CLAIM_COLUMNS)
+    .where(
+        messages.c.status == "sending",
+        messages.c.next_attempt_at == sa.bindparam("until", type_=sa.BigInteger),
+        messages.c.lease_token == sa.bindparam("token", type_=sa.String),
+    )
+    .order_by(messages.c.id)
+)
 
 
 async def claim(db: Database, limit: int, lease_ms: int) -> list[Claimed]:
@@ -122,17 +137,26 @@ async def claim(db: Database, limit: int, lease_ms: int) -> list[Claimed]:
     params = {"now": now, "until": now + lease_ms, "token": secrets.token_hex(16), "limit": limit}
 
     async def take(conn: AsyncConnection) -> list[Claimed]:
-        rows = await conn.execute(_CLAIM[conn.dialect.name], params)
+        rows = await conn.execute(_CLAIM_RETURNING, params)
         return [Claimed(*row) for row in rows]
 
-    return await db.write(take)
+    async def mark(conn: AsyncConnection) -> int:
+        return int((await conn.execute(_CLAIM_MARK, params)).rowcount or 0)
+
+    if not db.is_sqlite:
+        return await db.write(take)
+    if not await db.write(mark):
+        return []
+    async with db.read() as conn:  # ours until the lease ends: nobody else changes them
+        rows = await conn.execute(_CLAIMED, params)
+        return [Claimed(*row) for row in rows]
 
 
 # --- recording outcomes ------------------------------------------------------------------
 
 # The batch travels as one JSON parameter (a list of objects with these keys) and is
 # joined to the messages it names; only rows whose lease token still matches change.
-_FINISH = {
+_FINISH_SQL = {
     "sqlite": sa.text(
         """
 UPDATE messages
@@ -165,7 +189,14 @@ RETURNING messages.id, messages.account_id, messages.to_addr
 """
     ),
 }
-_INSERT_ATTEMPTS = attempts.insert()
+_FINISH = Prepared(lambda dialect: _FINISH_SQL[dialect])
+_ATTEMPT_COLUMNS = ("message_id", "started_at", "duration_ms", "host", "outcome", "code", "text")
+# One multi-row statement on SQLite: executemany steps each row alone, handing the GIL
+# back and forth with the writer lock held (in a delivery process, whose loop is busy).
+_INSERT_ATTEMPTS = Prepared(
+    lambda _: attempts.insert().values({c: sa.bindparam(c) for c in _ATTEMPT_COLUMNS}),
+    multi_row=True,
+)
 _ADD_SUPPRESSION = {
     dialect.name: insert(suppressions_table).on_conflict_do_nothing(
         index_elements=["account_id", "email_lower"]
@@ -222,7 +253,7 @@ async def _record_round(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> l
         return []
     tried = [_attempt_row(o) for o in mine if o.attempted]
     if tried:
-        await conn.execute(_INSERT_ATTEMPTS, tried)
+        await _INSERT_ATTEMPTS.execute_many(conn, tried)
     now = now_ms()
     bounced = [
         {
@@ -260,8 +291,9 @@ async def _update_fenced(
             for o in outcomes
         ]
     ).decode()
-    result = await conn.execute(_FINISH[conn.dialect.name], {"rows": rows, "now": now_ms()})
-    return {row[0]: (row[1], row[2]) for row in result}
+    result = await _FINISH.execute(conn, {"rows": rows, "now": now_ms()})
+    found: list[Any] = list(result)  # (id, account id, recipient) rows
+    return {row[0]: (row[1], row[2]) for row in found}
 
 
 def _attempt_row(outcome: Outcome) -> dict[str, Any]:
