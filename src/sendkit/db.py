@@ -542,8 +542,14 @@ class Database:
         assert self._sqlite_writer is not None
         async with self._sqlite_writer:
             if lock is not None and lock.usable_from_thread():
-                # The writer thread takes the file lock itself, bounded by the timeout.
-                return await self._group_writer.run(group, lock, self._lock_timeout)
+                # The writer thread takes the file lock itself, within the lock timeout.
+                try:
+                    return await self._group_writer.run(group, lock, self._lock_timeout)
+                except _NoFileLock as exc:  # flock unsupported here (NFS, FUSE...)
+                    log.warning("writer_lock_unavailable", error=str(exc.__cause__))
+                    lock.close()
+                    self._file_lock = None
+                    return await self._group_writer.run(group, None, self._lock_timeout)
         async with self._writer_slot():
             return await self._group_writer.run(group, None, self._lock_timeout)
 
@@ -648,24 +654,19 @@ class _GroupWriter:
     ) -> list[_Outcome]:
         """The group's outcomes, once its transaction has ended; the caller holds the
         process's writer lock meanwhile, and the thread takes `lock` (between processes)
-        first. If that takes over `lock_wait` seconds, the group's callers hear 503 and the group
-        never runs; this still returns only when the thread is done with the lock.
-        Cancelled midway, it still waits for the thread (the lock must not be released
-        under a running transaction), hands back what was really committed, and the
-        cancellation comes at the caller's next await."""
+        first: if that takes over `lock_wait` seconds, the group fails with 503 and never
+        runs. Cancelled midway, it still waits for the thread (the lock must not be
+        released under a running transaction), hands back what was really committed,
+        and the cancellation comes at the caller's next await."""
         loop = asyncio.get_running_loop()
-        claim = _Claim()
         # The caller's context goes along: log lines keep its fields.
-        call = functools.partial(contextvars.copy_context().run, self._commit, group, lock, claim)
+        call = functools.partial(
+            contextvars.copy_context().run, self._commit, group, lock, lock_wait
+        )
         done = loop.run_in_executor(self._thread, call)
         try:
-            return await asyncio.wait_for(asyncio.shield(done), lock_wait)
-        except TimeoutError:
-            if claim.give_up():
-                _fail(group, ServiceUnavailable())
-            return await _wait_out(done)
+            return await asyncio.shield(done)
         except asyncio.CancelledError:
-            claim.give_up()
             task = asyncio.current_task()
             try:
                 return await _wait_out(done)
@@ -674,16 +675,19 @@ class _GroupWriter:
                     task.cancel()
 
     def _commit(
-        self, group: list[_Write[Any]], lock: WriterLock | None, claim: _Claim
+        self, group: list[_Write[Any]], lock: WriterLock | None, lock_wait: float
     ) -> list[_Outcome]:
         self._checkpointer.start()
         with _unavailable_is_503():
             looked_up = self._read(group)
         if lock is not None:
-            lock.hold()
+            try:
+                held = lock.hold(lock_wait)
+            except OSError as exc:
+                raise _NoFileLock() from exc
+            if not held:
+                raise ServiceUnavailable()  # nothing ran: every caller can try again
         try:
-            if not claim.start():
-                return []  # its callers have had their answer already
             with _unavailable_is_503(), self.engine.begin() as conn:
                 return _run_group_now(SyncBackedConnection(conn).as_async(), group, looked_up)
         finally:
@@ -761,26 +765,9 @@ class _Checkpointer:
             thread.join()
 
 
-class _Claim:
-    """Who settles a group whose writer thread waits long for the file lock: the thread
-    (it got the lock in time and runs the group) or the caller (it gave up first: the
-    group's callers hear 503 and the group is never run)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state = "waiting"
-
-    def start(self) -> bool:
-        with self._lock:
-            if self._state == "waiting":
-                self._state = "running"
-            return self._state == "running"
-
-    def give_up(self) -> bool:
-        with self._lock:
-            if self._state == "waiting":
-                self._state = "abandoned"
-            return self._state == "abandoned"
+class _NoFileLock(Exception):
+    """flock failed on the lock file (a filesystem without it): SQLite's own locking
+    still holds, so the group is run again without the file lock."""
 
 
 def _fail(group: list[_Write[Any]], error: BaseException) -> None:

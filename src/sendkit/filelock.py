@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 
 from sendkit.errors import ServiceUnavailable
@@ -82,11 +83,24 @@ class WriterLock:
             return False
         return True
 
-    def hold(self) -> None:
-        """Block the calling thread until the lock is ours (the SQLite writer thread: a
-        waiter is woken by the kernel as the holder lets go, with no thread started and
-        no event-loop round trip per hand-off). The caller bounds the wait itself."""
-        fcntl.flock(self._descriptor(), fcntl.LOCK_EX)
+    def hold(self, timeout: float) -> bool:
+        """Take the lock from the calling thread (the SQLite writer thread: no thread
+        started and no event-loop round trip per hand-off); False if it stayed taken for
+        `timeout` seconds. A thread blocked in flock cannot be woken early, and one stuck
+        there would hold up every later write of its process, so this polls: 50 µs
+        between tries at first, doubling up to 1 ms."""
+        fd = self._descriptor()
+        deadline = time.monotonic() + timeout
+        pause = 0.00005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
 
     def _start_wait(self, fd: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

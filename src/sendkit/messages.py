@@ -121,27 +121,22 @@ class _Pending:
     event_data: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class _LookedUp:
-    reasons: dict[str, str]  # message id -> why it will not be attempted
-    hooked: set[str]  # accounts with webhook endpoints
+async def _look_up(conn: AsyncConnection, items: list[_Pending]) -> dict[str, str]:
+    """The suppression lists, read before the write lock (message id -> why it will not
+    be attempted): the worker checks them again before each attempt, so a snapshot a
+    moment old only decides whether a message is marked suppressed now or then. The
+    webhook endpoints are read in the transaction: an event must reach an endpoint
+    that existed when it committed."""
+    return await _suppression_reasons(conn, items)
 
 
-async def _look_up(conn: AsyncConnection, items: list[_Pending]) -> _LookedUp:
-    """The suppression lists and the webhook endpoints, read before the write lock: the
-    worker checks the lists again before each attempt, so a snapshot a moment old only
-    decides whether a message is marked suppressed now or at its attempt."""
-    reasons = await _suppression_reasons(conn, items)
-    hooked = await events.hooked_accounts(conn, {item.account.id for item in items})
-    return _LookedUp(reasons, hooked)
-
-
-async def _store(conn: AsyncConnection, items: list[_Pending], looked_up: _LookedUp) -> list[Any]:
+async def _store(
+    conn: AsyncConnection, items: list[_Pending], reasons: dict[str, str]
+) -> list[Any]:
     """Check 9 (daily limit) for many sends, then one insert of the messages and one of
-    their events. On PostgreSQL the daily count's row stays locked until the commit, so
-    the reads come first."""
+    their events. On PostgreSQL the daily count's row stays locked until the commit: the
+    suppression reads came before it."""
     results: list[Any] = [DailyLimitReached() for _ in items]
-    reasons = looked_up.reasons
     accepted = await _take_daily_quota(conn, items)
     rows: list[dict[str, Any]] = []
     entries: list[tuple[str, str | None, str, dict[str, Any]]] = []
@@ -158,7 +153,7 @@ async def _store(conn: AsyncConnection, items: list[_Pending], looked_up: _Looke
         results[i] = status
     if rows:
         await _INSERT_MESSAGES.execute_many(conn, rows)
-        await events.record_many(conn, entries, looked_up.hooked)
+        await events.record_many(conn, entries)
     return results
 
 

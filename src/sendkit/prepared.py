@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Result
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import TextClause
 
@@ -41,26 +42,38 @@ class Prepared:
     def __init__(self, build: Build, *, multi_row: bool = False) -> None:
         self._build = build
         self._multi_row = multi_row
-        self._compiled: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._compiled: dict[str, tuple[str, tuple[str, ...]] | None] = {}
         self._multi: dict[int, str] = {}
 
-    def sql(self, dialect: Dialect) -> tuple[str, tuple[str, ...]]:
-        """The driver's SQL and the parameter names in their positional order."""
-        found = self._compiled.get(dialect.name)
-        if found is None:
+    def sql(self, dialect: Dialect) -> tuple[str, tuple[str, ...]] | None:
+        """The driver's SQL and the parameter names in their positional order; None for
+        a driver with named parameters (psycopg), which gets the Core statement."""
+        key = f"{dialect.name}+{dialect.driver}"
+        if key not in self._compiled:
             compiled = cast(SQLCompiler, self._build(dialect.name).compile(dialect=dialect))
-            if not compiled.positional:
-                raise ValueError(f"{dialect.name}: a positional paramstyle is expected")
-            found = (compiled.string, tuple(compiled.positiontup or ()))
-            self._compiled[dialect.name] = found
-        return found
+            self._compiled[key] = (
+                (compiled.string, tuple(compiled.positiontup or ()))
+                if compiled.positional
+                else None
+            )
+        return self._compiled[key]
+
+    def _statement(self, dialect: str) -> Executable:
+        return cast(Executable, self._build(dialect))
 
     async def execute(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Result[Any]:
-        sql, names = self.sql(conn.dialect)
+        found = self.sql(conn.dialect)
+        if found is None:
+            return await conn.execute(self._statement(conn.dialect.name), dict(params))
+        sql, names = found
         return await conn.exec_driver_sql(sql, tuple(params[n] for n in names))
 
     async def execute_many(self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
-        sql, names = self.sql(conn.dialect)
+        found = self.sql(conn.dialect)
+        if found is None:
+            await conn.execute(self._statement(conn.dialect.name), [dict(row) for row in rows])
+            return
+        sql, names = found
         if not (self._multi_row and conn.dialect.name == "sqlite"):
             await conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
             return

@@ -62,6 +62,7 @@ return replies
 """
 
 Hit = tuple[bool, int, float]  # allowed, requests in the window, the oldest one's time
+_Waiting = tuple[str, int, float, "asyncio.Future[Hit]"]  # a hit and its caller
 
 
 class _SharedWindows:
@@ -71,7 +72,7 @@ class _SharedWindows:
 
     def __init__(self, script: Any) -> None:
         self._script = script
-        self._pending: list[tuple[str, int, float, asyncio.Future[Hit]]] = []
+        self._pending: list[_Waiting] = []
         self._sender: asyncio.Task[None] | None = None
 
     async def hit(self, account_id: str, per_second: int, now: float) -> Hit:
@@ -90,15 +91,29 @@ class _SharedWindows:
                     keys=[f"sendkit:rate:{account_id}" for account_id, _, _, _ in batch],
                     args=[v for _, limit, now, _ in batch for v in (now, limit)] + [1],
                 )
-            except Exception as exc:  # every waiting caller hears it, as it would alone
-                for *_, future in batch:
+                for i, (*_, future) in enumerate(batch):
                     if not future.done():
-                        future.set_exception(exc)
-                continue
-            for i, (*_, future) in enumerate(batch):
-                if not future.done():
-                    allowed, count, oldest = reply[3 * i : 3 * i + 3]
-                    future.set_result((bool(allowed), int(count), float(oldest)))
+                        allowed, count, oldest = reply[3 * i : 3 * i + 3]
+                        future.set_result((bool(allowed), int(count), float(oldest)))
+            except Exception as exc:  # every waiting caller hears it, as it would alone
+                _settle(batch, exc)
+            except BaseException:  # cancelled (shutdown): nobody is left waiting
+                _settle(batch + self._pending, None)
+                self._pending = []
+                raise
+
+
+def _settle(
+    batch: list[tuple[str, int, float, asyncio.Future[Hit]]], error: Exception | None
+) -> None:
+    """The batch's callers still waiting: the error, or cancelled with the sender."""
+    for *_, future in batch:
+        if future.done():
+            continue
+        if error is None:
+            future.cancel()
+        else:
+            future.set_exception(error)
 
 
 class RateLimiter:

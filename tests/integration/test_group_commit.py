@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import threading
 import time
 from pathlib import Path
@@ -255,7 +256,12 @@ async def test_a_file_lock_held_past_the_timeout_answers_503_and_the_group_never
         with pytest.raises(ServiceUnavailable):
             await db.write(_insert)
         assert time.monotonic() - started < 1.0
-        other.release()  # the abandoned group's thread gets the lock now: it must not run
+        started = time.monotonic()  # the next group waits its own timeout, no longer
+        with pytest.raises(ServiceUnavailable):
+            await db.write(_insert)
+        assert time.monotonic() - started < 1.0
+        other.release()  # free now: the groups that gave up must not run late
+        await asyncio.sleep(0.1)
         assert await db.write(_insert) == "stored"
         async with db.read() as conn:
             assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1]
@@ -285,5 +291,28 @@ async def test_the_wal_is_checkpointed_beside_the_writer_not_by_its_commits(
         while main.stat().st_size < 2_000_000 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert main.stat().st_size >= 2_000_000  # copied back by the checkpointer
+    finally:
+        await db.dispose()
+
+
+async def test_a_lock_file_without_flock_falls_back_to_sqlites_own_locking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a filesystem without flock (NFS, some FUSE mounts) writes go on, once warned."""
+    db = await _probe_db(tmp_path, lock_timeout=5)
+    logs.configure(json=True)
+
+    def no_flock(self: WriterLock, timeout: float) -> bool:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(WriterLock, "hold", no_flock)
+    try:
+        capsys.readouterr()
+        assert await db.write(_insert) == "stored"
+        assert await db.write(_insert) == "stored"
+        warned = [line for line in capsys.readouterr().err.splitlines() if "writer_lock" in line]
+        assert len(warned) == 1 and "writer_lock_unavailable" in warned[0]
+        async with db.read() as conn:
+            assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1, 1]
     finally:
         await db.dispose()

@@ -67,3 +67,15 @@ async def test_lookups_by_a_json_list_of_keys_find_exactly_the_listed_pairs(
         none = await unsubscribe.memberships(conn, [("no-app", "a@example.com")])
     assert found == {(tenant.account_id, "a@example.com"), (tenant.account_id, "b@example.com")}
     assert none == {}
+
+
+def test_a_driver_with_named_parameters_gets_the_core_statement() -> None:
+    """psycopg takes named parameters: no driver SQL for it, the statement runs as Core."""
+    from sqlalchemy.dialects.postgresql import asyncpg, psycopg
+    from sqlalchemy.dialects.sqlite import pysqlite
+
+    assert _INSERT.sql(psycopg.dialect()) is None
+    for positional in (asyncpg.dialect(), pysqlite.dialect()):
+        found = _INSERT.sql(positional)
+        assert found is not None
+        assert found[1] == ("account_id", "message_id", "type", "data", "created_at")
