@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -478,12 +479,17 @@ class Database:
         try:
             await lock.acquire()
         except OSError as exc:
-            # No lock file (read-only or full disk): SQLite's own locking still holds.
-            log.warning("writer_lock_unavailable", error=str(exc))
-            lock.close()
-            self._file_lock = None
+            self._drop_file_lock(exc)
             return None
         return lock
+
+    def _drop_file_lock(self, exc: OSError) -> None:
+        """No lock file, or no flock on its filesystem (read-only or full disk, NFS,
+        FUSE): SQLite's own locking still holds, so writes go on without it."""
+        log.warning("writer_lock_unavailable", error=str(exc))
+        if self._file_lock is not None:
+            self._file_lock.close()
+            self._file_lock = None
 
     async def write(self, fn: WriteFn[T], *, savepoint: bool = True) -> T:
         """Run `fn` in a transaction shared with other writers, and return once it is
@@ -545,10 +551,8 @@ class Database:
                 # The writer thread takes the file lock itself, within the lock timeout.
                 try:
                     return await self._group_writer.run(group, lock, self._lock_timeout)
-                except _NoFileLock as exc:  # flock unsupported here (NFS, FUSE...)
-                    log.warning("writer_lock_unavailable", error=str(exc.__cause__))
-                    lock.close()
-                    self._file_lock = None
+                except _NoFileLock as exc:
+                    self._drop_file_lock(exc.error)
                     return await self._group_writer.run(group, None, self._lock_timeout)
         async with self._writer_slot():
             return await self._group_writer.run(group, None, self._lock_timeout)
@@ -684,7 +688,7 @@ class _GroupWriter:
             try:
                 held = lock.hold(lock_wait)
             except OSError as exc:
-                raise _NoFileLock() from exc
+                raise _NoFileLock(exc) from exc
             if not held:
                 raise ServiceUnavailable()  # nothing ran: every caller can try again
         try:
@@ -745,8 +749,6 @@ class _Checkpointer:
                 self._thread.start()
 
     def _run(self) -> None:
-        import sqlite3
-
         conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
         try:
             while not self._stopping.wait(_CHECKPOINT_EVERY):
@@ -766,8 +768,11 @@ class _Checkpointer:
 
 
 class _NoFileLock(Exception):
-    """flock failed on the lock file (a filesystem without it): SQLite's own locking
-    still holds, so the group is run again without the file lock."""
+    """flock failed on the lock file before the group ran: it runs again without it."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _fail(group: list[_Write[Any]], error: BaseException) -> None:

@@ -11,7 +11,6 @@ that did. The webhook worker (`webhooks.py`) sends the rows later, at least once
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection
 from enum import StrEnum
 from typing import Any
 
@@ -224,28 +223,17 @@ _INSERT_EVENTS = Prepared(
 )
 
 
-async def hooked_accounts(conn: AsyncConnection, account_ids: Collection[str]) -> set[str]:
-    """Which of these accounts have webhook endpoints."""
-    if not account_ids:
-        return set()
-    rows = rows_param([[a] for a in sorted(account_ids)])
-    return set((await _HOOKED_ACCOUNTS.execute(conn, rows)).scalars())
-
-
 async def record_many(
-    conn: AsyncConnection,
-    entries: list[tuple[str, str | None, str, dict[str, Any]]],
-    hooked: set[str] | None = None,
+    conn: AsyncConnection, entries: list[tuple[str, str | None, str, dict[str, Any]]]
 ) -> None:
     """`record` for a batch of (account_id, message_id, type, data), with a fixed number of
     statements whatever its size: which accounts have endpoints, one insert of the events
     of the others, and for accounts with endpoints one insert of their events (ids
-    returned) plus one executemany of the deliveries' INSERT ... SELECT. `hooked`: the
-    accounts with endpoints, when the caller has looked them up already."""
+    returned) plus one executemany of the deliveries' INSERT ... SELECT."""
     if not entries:
         return
-    if hooked is None:
-        hooked = await hooked_accounts(conn, {entry[0] for entry in entries})
+    account_ids = rows_param([[a] for a in sorted({entry[0] for entry in entries})])
+    hooked = set((await _HOOKED_ACCOUNTS.execute(conn, account_ids)).scalars())
     now = now_ms()
     plain: list[dict[str, Any]] = []
     hooked_rows: list[dict[str, Any]] = []

@@ -121,15 +121,6 @@ class _Pending:
     event_data: dict[str, Any]
 
 
-async def _look_up(conn: AsyncConnection, items: list[_Pending]) -> dict[str, str]:
-    """The suppression lists, read before the write lock (message id -> why it will not
-    be attempted): the worker checks them again before each attempt, so a snapshot a
-    moment old only decides whether a message is marked suppressed now or then. The
-    webhook endpoints are read in the transaction: an event must reach an endpoint
-    that existed when it committed."""
-    return await _suppression_reasons(conn, items)
-
-
 async def _store(
     conn: AsyncConnection, items: list[_Pending], reasons: dict[str, str]
 ) -> list[Any]:
@@ -157,9 +148,6 @@ async def _store(
     return results
 
 
-_STORE = ReadThenWrite(_look_up, _store)
-
-
 async def _take_daily_quota(conn: AsyncConnection, items: list[_Pending]) -> list[int]:
     """Which of the items fit under their account's daily limit (UTC day), counted once
     per account. The row is locked (PostgreSQL) or the writer is single (SQLite), so
@@ -181,13 +169,12 @@ async def _take_daily_quota(conn: AsyncConnection, items: list[_Pending]) -> lis
     return sorted(accepted)
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+def _insert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def _take_all_statement(dialect: str) -> Any:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(daily_usage).values(
+    statement = _insert(dialect)(daily_usage).values(
         account_id=sa.bindparam("account_id"), day=sa.bindparam("day"), sent=sa.bindparam("count")
     )
     return statement.on_conflict_do_update(
@@ -236,7 +223,7 @@ async def _take_some(
 ) -> list[int]:
     """Near the limit: as many as there is room for, in order."""
     await conn.execute(
-        _insert(conn)(daily_usage)
+        _insert(conn.dialect.name)(daily_usage)
         .values(account_id=account_id, day=day, sent=0)
         .on_conflict_do_nothing(index_elements=["account_id", "day"])
     )
@@ -270,6 +257,14 @@ async def _suppression_reasons(conn: AsyncConnection, items: list[_Pending]) -> 
         if unsubscribed and item.row["id"] not in reasons:
             reasons[item.row["id"]] = "unsubscribed"
     return reasons
+
+
+# The suppression lists are read before the write lock (on SQLite): the worker checks
+# them again before each attempt, so a snapshot a moment old only decides whether a
+# message is marked suppressed now or then. The webhook endpoints are read in the
+# transaction (`events.record_many`): an event must reach every endpoint that existed
+# when it committed.
+_STORE = ReadThenWrite(_suppression_reasons, _store)
 
 
 async def sent_today(db: Database, account_id: str) -> int:

@@ -103,9 +103,7 @@ class _SharedWindows:
                 raise
 
 
-def _settle(
-    batch: list[tuple[str, int, float, asyncio.Future[Hit]]], error: Exception | None
-) -> None:
+def _settle(batch: list[_Waiting], error: Exception | None) -> None:
     """The batch's callers still waiting: the error, or cancelled with the sender."""
     for *_, future in batch:
         if future.done():

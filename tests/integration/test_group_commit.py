@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import errno
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -225,23 +227,36 @@ async def _insert(conn: AsyncConnection) -> str:
     return "stored"
 
 
+async def _stored(db: Database) -> list[int]:
+    async with db.read() as conn:
+        return list(await conn.scalars(sa.text("SELECT x FROM t")))
+
+
+@contextlib.asynccontextmanager
+async def _other_process_locks(tmp_path: Path) -> AsyncIterator[WriterLock]:
+    """The writer lock, held through a descriptor of its own: as another process holds it."""
+    other = WriterLock(tmp_path / "locked.db.writer-lock", 5)
+    try:
+        await other.acquire()
+        yield other
+    finally:
+        other.close()
+
+
 async def test_the_writer_thread_waits_for_another_processes_file_lock(tmp_path: Path) -> None:
     """The group's thread takes the lock between processes itself, as it is released."""
     db = await _probe_db(tmp_path, lock_timeout=5)
-    other = WriterLock(tmp_path / "locked.db.writer-lock", 5)  # another process's descriptor
     try:
-        await other.acquire()
-        write = asyncio.ensure_future(db.write(_insert))
-        await asyncio.sleep(0.3)
-        assert not write.done()
-        released = time.monotonic()
-        other.release()
-        assert await write == "stored"
-        assert time.monotonic() - released < 0.2
-        async with db.read() as conn:
-            assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1]
+        async with _other_process_locks(tmp_path) as other:
+            write = asyncio.ensure_future(db.write(_insert))
+            await asyncio.sleep(0.3)
+            assert not write.done()
+            released = time.monotonic()
+            other.release()
+            assert await write == "stored"
+            assert time.monotonic() - released < 0.2
+        assert await _stored(db) == [1]
     finally:
-        other.close()
         await db.dispose()
 
 
@@ -249,24 +264,18 @@ async def test_a_file_lock_held_past_the_timeout_answers_503_and_the_group_never
     tmp_path: Path,
 ) -> None:
     db = await _probe_db(tmp_path, lock_timeout=0.3)
-    other = WriterLock(tmp_path / "locked.db.writer-lock", 5)
     try:
-        await other.acquire()
-        started = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            await db.write(_insert)
-        assert time.monotonic() - started < 1.0
-        started = time.monotonic()  # the next group waits its own timeout, no longer
-        with pytest.raises(ServiceUnavailable):
-            await db.write(_insert)
-        assert time.monotonic() - started < 1.0
-        other.release()  # free now: the groups that gave up must not run late
-        await asyncio.sleep(0.1)
-        assert await db.write(_insert) == "stored"
-        async with db.read() as conn:
-            assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1]
+        async with _other_process_locks(tmp_path) as other:
+            for _ in range(2):  # each group waits its own timeout, no longer
+                started = time.monotonic()
+                with pytest.raises(ServiceUnavailable):
+                    await db.write(_insert)
+                assert time.monotonic() - started < 1.0
+            other.release()  # free now: the groups that gave up must not run late
+            await asyncio.sleep(0.1)
+            assert await db.write(_insert) == "stored"
+        assert await _stored(db) == [1]
     finally:
-        other.close()
         await db.dispose()
 
 
@@ -312,7 +321,6 @@ async def test_a_lock_file_without_flock_falls_back_to_sqlites_own_locking(
         assert await db.write(_insert) == "stored"
         warned = [line for line in capsys.readouterr().err.splitlines() if "writer_lock" in line]
         assert len(warned) == 1 and "writer_lock_unavailable" in warned[0]
-        async with db.read() as conn:
-            assert list(await conn.scalars(sa.text("SELECT x FROM t"))) == [1, 1]
+        assert await _stored(db) == [1, 1]
     finally:
         await db.dispose()

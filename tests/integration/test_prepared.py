@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from sendkit import events as events_module
 from sendkit import suppressions, unsubscribe
 from sendkit.db import events
-from sendkit.prepared import Prepared
 from sendkit.services import Services
 from tests.conftest import Tenant
 
-_INSERT = Prepared(
-    lambda _: events.insert().values(
-        {c: sa.bindparam(c) for c in ("account_id", "message_id", "type", "data", "created_at")}
-    ),
-    multi_row=True,
-)
+# The events' insert, as every send's group commit runs it.
+_INSERT = events_module._INSERT_EVENTS
 
 
 async def test_a_multi_row_insert_stores_every_row_past_one_statements_size(
