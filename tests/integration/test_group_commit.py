@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import accounts, logs, messages
-from sendkit.db import Database
+from sendkit.db import Database, ReadThenWrite
 from sendkit.errors import ServiceUnavailable
 from sendkit.filelock import WriterLock
 from sendkit.services import Services
@@ -323,4 +323,38 @@ async def test_a_lock_file_without_flock_falls_back_to_sqlites_own_locking(
         assert len(warned) == 1 and "writer_lock_unavailable" in warned[0]
         assert await _stored(db) == [1, 1]
     finally:
+        await db.dispose()
+
+
+async def test_a_two_step_batch_reads_before_the_writer_lock_and_writes_under_it(
+    tmp_path: Path,
+) -> None:
+    """ReadThenWrite: the lookups run while other processes can still write; the write
+    runs with the lock between processes held."""
+    db = await _probe_db(tmp_path, lock_timeout=5)
+    probe = WriterLock(tmp_path / "locked.db.writer-lock", 5)  # another process's view
+    seen: dict[str, bool] = {}
+
+    def free() -> bool:
+        taken = probe.hold(0)
+        if taken:
+            probe.release()
+        return taken
+
+    async def read(conn: AsyncConnection, payloads: list[int]) -> int:
+        seen["free while reading"] = free()
+        return len(payloads)
+
+    async def write(conn: AsyncConnection, payloads: list[int], count: int) -> list[str]:
+        seen["free while writing"] = free()
+        await conn.execute(sa.text("INSERT INTO t VALUES (:n)"), {"n": count})
+        return ["stored"] * len(payloads)
+
+    try:
+        batch = ReadThenWrite(read, write)
+        assert await asyncio.gather(*(db.write_batch(batch, i) for i in range(3))) == ["stored"] * 3
+        assert seen == {"free while reading": True, "free while writing": False}
+        assert await _stored(db) == [3]
+    finally:
+        probe.close()
         await db.dispose()

@@ -29,6 +29,7 @@ from tests.conftest import (
     SEND_EXAMPLE,
     Tenant,
     assert_envelope,
+    free_port,
     make_settings,
     make_tenant,
     need_server,
@@ -371,3 +372,22 @@ async def test_redis_hits_of_a_burst_share_round_trips_and_each_counts_as_alone(
     assert passed_second == [2, 1, 0]
     assert len(refused) == 20 and all(isinstance(o, RateLimited) for o in refused)
     assert 1 <= calls < len(hits)
+
+
+async def test_redis_failing_answers_every_hit_of_a_batch_with_the_error() -> None:
+    """No caller is left waiting when the shared call fails (here: nothing listens)."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from sendkit.ratelimit import RateLimiter
+
+    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}")
+    limiter = RateLimiter(redis=client)
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(limiter.hit("acct", 10) for _ in range(5)), return_exceptions=True),
+            timeout=10,
+        )
+    finally:
+        await client.aclose()
+    assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
