@@ -53,12 +53,12 @@ def _watch(proc: procs.Proc, admin: Admin, total: int, seconds: float) -> tuple[
     hwm = delivered = 0
     next_count = time.monotonic() + 1.0
     while time.monotonic() < deadline and proc.running() and delivered < total:
-        hwm = max(hwm, procs.read_status(proc.pid).get("VmHWM", 0))
+        hwm = max(hwm, procs.tree_peak_kb(proc.pid))
         if time.monotonic() >= next_count:
             delivered = admin.counts().get("delivered", 0)
             next_count += 1.0
         time.sleep(0.1)
-    hwm = max(hwm, procs.read_status(proc.pid).get("VmHWM", 0))
+    hwm = max(hwm, procs.tree_peak_kb(proc.pid))
     return hwm, admin.counts().get("delivered", 0)
 
 

@@ -126,3 +126,14 @@ def read_status(pid: int) -> dict[str, int]:
             if name.startswith("Vm") and parts and parts[0].isdigit():
                 values[name] = int(parts[0])
     return values
+
+
+def tree_peak_kb(pid: int) -> int:
+    """VmHWM of `pid` plus its descendants' (the signing processes): an upper bound of
+    what the whole installation held at once."""
+    total = read_status(pid).get("VmHWM", 0)
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += tree_peak_kb(int(child))
+    return total

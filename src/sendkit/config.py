@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         10, ge=0, le=19, description="How much lower the delivery processes' CPU priority is."
     )
     worker_concurrency: int = Field(50, description="Messages each worker sends at once.")
+    signing_processes: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Processes beside each delivery process that compute DKIM signatures "
+        "(0: threads of the delivery process).",
+    )
     lease_seconds: float = Field(
         900, description="How long a claimed message stays with its worker before reclaim."
     )

@@ -276,6 +276,10 @@ def keep_signing_at_process_priority() -> None:
     _below_the_loop = False
 
 
+def signs_below_the_loop() -> bool:
+    return _below_the_loop
+
+
 def _lower_priority() -> None:
     # Not Linux (a thread id is no process id there), or not allowed: normal priority.
     with contextlib.suppress(OSError, AttributeError):

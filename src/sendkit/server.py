@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import multiprocessing
 import multiprocessing.process
 import os
@@ -19,7 +17,7 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
-from sendkit import accounts, dkim, logs
+from sendkit import accounts, dkim, logs, signing
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.runner import run_process
@@ -125,7 +123,7 @@ def _deliver(settings_json: str, parent: int) -> None:
     # The parent ignores SIGTERM while it stops its children; a child started meanwhile
     # must still hear it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _end_with_parent(parent)
+    signing.end_with_parent(parent)
     # Its own process group: a terminal's Ctrl-C reaches `serve` alone, which stops the
     # API first and then asks this process (SIGTERM) to finish what it has in flight.
     os.setpgid(0, 0)
@@ -136,19 +134,6 @@ def _deliver(settings_json: str, parent: int) -> None:
     # Niced as a whole already, with no API to make way for.
     dkim.keep_signing_at_process_priority()
     run_process(settings)
-
-
-def _end_with_parent(parent: int) -> None:
-    """SIGTERM when `sendkit serve` dies without its cleanup (Linux; elsewhere a no-op),
-    also if it died while this process was starting."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        raise SystemExit(0)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 class DeliveryProcesses:

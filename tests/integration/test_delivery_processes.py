@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.test_processes import SEND, serving_processes
+from tests.integration.test_processes import SEND, children, serving_processes
 from tests.live import LiveServer, live_server
 
 pytestmark = [pytest.mark.slow]
@@ -59,10 +59,11 @@ def test_delivery_runs_in_its_own_lower_priority_process(tmp_path: Path, databas
         assert niceness(worker) == niceness(server.pid) + 10
         time.sleep(1.5)  # its first (empty) claim is over: it sleeps until woken
         assert send_and_wait(server, token, within=10) == worker
-        # Its signing threads (started by that delivery) keep the process's priority.
+        # Its threads, and its DKIM signing process, keep the process's priority.
         threads = list(Path(f"/proc/{worker}/task").iterdir())
-        assert len(threads) >= 2  # the loop and at least one signing thread
         assert {niceness_of(task / "stat") for task in threads} == {niceness(worker)}
+        (signer,) = children(worker)
+        assert niceness(signer) == niceness(worker)
 
         # A delivery process that dies is replaced, and the queue keeps draining.
         os.kill(worker, signal.SIGKILL)
@@ -75,8 +76,10 @@ def test_delivery_runs_in_its_own_lower_priority_process(tmp_path: Path, databas
         assert send_and_wait(server, token, within=10) == replacement
         # The killed process's socket refused that send's ping and was cleared away.
         assert len(list((server.data_dir / "run").glob("delivery-*.sock"))) == 1
-    # Stopping the server stops its delivery processes too.
+        replacement_signer = children(replacement)
+    # Stopping the server stops its delivery processes, and their signing processes, too.
     assert not Path(f"/proc/{replacement}").exists()
+    assert replacement_signer and not any(Path(f"/proc/{p}").exists() for p in replacement_signer)
 
 
 def test_a_delivery_process_asked_to_stop_is_not_restarted(

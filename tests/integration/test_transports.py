@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import ssl
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Literal
 
 import dns.exception
 import dns.rdata
@@ -28,12 +29,36 @@ from sendkit.delivery.transports import (
     TemporaryLookupError,
     Transport,
 )
-from sendkit.testing.smtp import Fault, SmtpSink, Stage
+from sendkit.testing.smtp import Fault, SinkTls, SmtpSink, Stage
 
 from .conftest import SinkFactory
 
 QUICK = SmtpTimeouts.uniform(5.0)
 EHLO = "client.sendkit.test"
+
+
+# Every test here runs against a sink that offers PIPELINING (RFC 2920: the envelope's
+# commands in one write) and one that does not (one command at a time).
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+async def smtp_sink(pipelining: bool) -> AsyncIterator[SmtpSink]:
+    async with SmtpSink(pipelining=pipelining) as sink:
+        yield sink
+
+
+@pytest.fixture
+async def smtp_sink_factory(pipelining: bool) -> AsyncIterator[SinkFactory]:
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**options: Any) -> SmtpSink:
+            options.setdefault("pipelining", pipelining)
+            return await stack.enter_async_context(SmtpSink(**options))
+
+        yield make
 
 
 def envelope(
@@ -304,7 +329,9 @@ async def test_sequential_messages_reuse_one_connection(smtp_sink: SmtpSink) -> 
     assert all(r.delivered for r in results)
     assert smtp_sink.connections_opened == 1
     assert len({m.connection_id for m in smtp_sink.messages}) == 1
-    assert smtp_sink.rset_count == 19  # RSET before every reuse
+    # One at a time, an RSET tests each reused session; pipelined, the transaction's first
+    # reply does, and RSET is only sent after a transaction left unfinished.
+    assert smtp_sink.rset_count == (0 if smtp_sink.pipelining else 19)
 
 
 async def test_concurrent_messages_stay_within_the_limit(smtp_sink: SmtpSink) -> None:
@@ -367,6 +394,7 @@ async def test_connection_is_kept_after_a_rejection(smtp_sink: SmtpSink) -> None
     assert rejected.outcome is Outcome.BOUNCED
     assert delivered.delivered
     assert smtp_sink.connections_opened == 1
+    assert smtp_sink.rset_count == 1  # the refused transaction is cleared before the next
 
 
 async def test_cancelled_send_releases_its_connection_slot(smtp_sink: SmtpSink) -> None:
@@ -697,3 +725,146 @@ def test_outcome_for_code() -> None:
     for code, outcome in codes:
         result = DeliveryResult.from_reply(code, "text", host=None, duration=0.0)
         assert result.outcome is outcome
+
+
+# -- pipelining (RFC 2920), against scripted servers ------------------------------------------
+
+Script = Any  # async (reader, writer, connection number) -> None
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[tuple[str, int]]:
+    """A server that greets, offers PIPELINING and leaves each session to `script`."""
+    opened = 0
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        opened += 1
+        writer.write(b"220 scripted ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-scripted\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n")
+        try:
+            await script(reader, writer, opened)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    async with server:
+        yield "127.0.0.1", server.sockets[0].getsockname()[1]
+
+
+async def read_until(reader: asyncio.StreamReader, end: bytes) -> tuple[bytes, int]:
+    """What arrives up to `end`, and in how many reads."""
+    data, reads = b"", 0
+    while not data.endswith(end):
+        chunk = await reader.read(65536)
+        assert chunk, f"closed before {end!r}: {data!r}"
+        data, reads = data + chunk, reads + 1
+    return data, reads
+
+
+def scripted_relay(address: tuple[str, int]) -> RelayTransport:
+    return RelayTransport(address[0], address[1], ehlo_name=EHLO, timeouts=QUICK)
+
+
+async def test_pipelining_writes_the_envelope_at_once_and_reads_replies_sent_together() -> None:
+    seen: list[tuple[bytes, int]] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        # Nothing is answered until MAIL, RCPT and DATA are all in: a client that waits
+        # for each reply would wait here forever.
+        seen.append(await read_until(reader, b"DATA\r\n"))
+        writer.write(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with .\r\n")
+        seen.append(await read_until(reader, b"\r\n.\r\n"))
+        writer.write(b"250 2.0.0 Ok: queued as P1\r\n")
+        await reader.read()
+
+    async with scripted(script) as address, scripted_relay(address) as transport:
+        result = await asyncio.wait_for(transport.send(envelope()), 10)
+
+    assert result.delivered and result.text == "2.0.0 Ok: queued as P1"
+    (commands, reads), (message, _) = seen
+    assert reads == 1
+    assert commands.startswith(b"MAIL FROM:<alice@example.com> SIZE=")
+    assert commands.endswith(b"\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+    assert message == b"Subject: hi\r\n\r\nHello.\r\n.\r\n"
+
+
+async def test_pipelining_ends_a_data_accepted_without_a_recipient() -> None:
+    """A server may answer DATA with 354 though it refused the recipient: the client
+    ends that message empty, reports the refusal, and the session stays usable."""
+    sent: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        sent.append((await read_until(reader, b"DATA\r\n"))[0])
+        writer.write(b"250 Ok\r\n550 5.1.1 No such user\r\n354 Go ahead\r\n")
+        sent.append((await read_until(reader, b".\r\n"))[0])
+        writer.write(b"554 5.5.1 No valid recipients\r\n")
+        sent.append((await read_until(reader, b"DATA\r\n"))[0])
+        writer.write(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 Go ahead\r\n")
+        await read_until(reader, b"\r\n.\r\n")
+        writer.write(b"250 Ok: queued\r\n")
+        await reader.read()
+
+    async with scripted(script) as address, scripted_relay(address) as transport:
+        refused = await asyncio.wait_for(transport.send(envelope()), 10)
+        delivered = await asyncio.wait_for(transport.send(envelope()), 10)
+
+    assert refused.outcome is Outcome.BOUNCED
+    assert (refused.code, refused.text) == (550, "5.1.1 No such user")
+    assert sent[1] == b".\r\n"
+    assert sent[2].startswith(b"RSET\r\nMAIL FROM:")  # cleared, on the same session
+    assert delivered.delivered
+
+
+async def test_pipelining_replaces_a_session_the_server_closed_while_idle() -> None:
+    """The first reply on a reused session is 421 (an idle timeout): the message goes on
+    a new session, as if the old one had never been picked."""
+    sessions: list[int] = []
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_until(reader, b"DATA\r\n")
+        writer.write(b"250 Ok\r\n250 Ok\r\n354 Go ahead\r\n")
+        await read_until(reader, b"\r\n.\r\n")
+        writer.write(b"250 Ok: queued\r\n")
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        sessions.append(n)
+        await one(reader, writer)
+        if n == 1:
+            await read_until(reader, b"DATA\r\n")
+            writer.write(b"421 4.4.2 Idle too long, closing\r\n")
+            return
+        await reader.read()
+
+    async with scripted(script) as address, scripted_relay(address) as transport:
+        first = await asyncio.wait_for(transport.send(envelope()), 10)
+        second = await asyncio.wait_for(transport.send(envelope()), 10)
+
+    assert first.delivered
+    assert second.delivered
+    assert sessions == [1, 2]
+
+
+@pytest.mark.parametrize("tls", ["none", "starttls", "tls"])
+def test_pipelining_on_uvloop(tls: Literal["none", "starttls", "tls"]) -> None:
+    """Production delivers on uvloop, whose transports hand over to another protocol
+    their own way (plain and TLS): the same exchange there, failures included."""
+    import uvloop
+
+    sink_tls: SinkTls = "implicit" if tls == "tls" else tls
+
+    async def main() -> None:
+        async with SmtpSink(tls=sink_tls, pipelining=True) as sink:
+            context = sink.client_tls_context() if tls != "none" else None
+            async with relay(sink, tls=tls, tls_context=context) as transport:
+                sink.fault = Fault.reply(Stage.RCPT, 550, "5.1.1 no such user")
+                refused = await transport.send(envelope())
+                sink.fault = None
+                delivered = [await transport.send(envelope()) for _ in range(3)]
+            assert refused.outcome is Outcome.BOUNCED and refused.code == 550
+            assert all(r.delivered and r.tls == (tls != "none") for r in delivered)
+            assert sink.connections_opened == 1
+            assert len(sink.messages) == 3
+
+    uvloop.run(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from sendkit import logs, wakeups
+from sendkit import logs, signing, wakeups
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.worker import Worker, make_transport
@@ -35,13 +35,20 @@ class RunningWorkers:
         tasks = [self.task] + ([self.webhooks[1]] if self.webhooks else [])
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.worker.transport.close()
+        # Before the process ends: a delivery process is a multiprocessing child, whose
+        # exit joins its children before the pool's own exit hook could stop them.
+        self.worker.signer.close()
         if self.webhooks is not None:
             await self.webhooks[0].close()
 
 
 def start_workers(services: Services, *, concurrency: int | None = None) -> RunningWorkers:
+    settings = services.settings
     worker = Worker(
-        services, make_transport(services.settings, services.db), concurrency=concurrency
+        services,
+        make_transport(settings, services.db),
+        concurrency=concurrency,
+        signer=signing.start(settings.signing_processes),
     )
     services.extras["worker"] = worker
     stop = asyncio.Event()

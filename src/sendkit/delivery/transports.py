@@ -32,6 +32,8 @@ import dns.name
 import dns.resolver
 from aiosmtplib.email import parse_address
 
+from sendkit.delivery.pipelining import PipelinedReplies
+
 __all__ = [
     "DeliveryResult",
     "DirectTransport",
@@ -347,6 +349,7 @@ _CONFIGURATION_CODES = frozenset({530})
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 _EHLO_UNSUPPORTED = frozenset({500, 501, 502, 504})
+_RCPT_ACCEPTED = frozenset({250, 251})  # as aiosmtplib's SMTP.rcpt
 
 
 @dataclass
@@ -374,6 +377,16 @@ class _Connection:
     smtp: aiosmtplib.SMTP
     host: str
     tls: bool
+    reused: bool = False  # taken from the idle list: the server may have closed it since
+    clean: bool = True  # no transaction left open (else RSET first)
+
+    @property
+    def pipelining(self) -> bool:
+        return self.smtp.supports_extension("pipelining")
+
+
+class _StaleConnection(Exception):
+    """An idle session the server had closed: nothing of the message reached it."""
 
 
 Opener = Callable[[_Progress], Awaitable[_Connection]]
@@ -559,6 +572,10 @@ async def _transact(
         )
     body = _wire_body(envelope.data)
     encoding = "utf-8" if smtputf8 else "ascii"
+    if conn.pipelining:
+        return await _transact_pipelined(
+            conn, envelope, body, _mail_options(smtp, body, smtputf8), encoding, progress, timeouts
+        )
     await smtp.mail(
         envelope.mail_from,
         options=_mail_options(smtp, body, smtputf8),
@@ -570,6 +587,110 @@ async def _transact(
     progress.phase = _Phase.DATA
     reply = await _send_data(smtp, body, progress, timeouts)
     return _reply_result(reply.code, reply.message, progress, _elapsed(started))
+
+
+async def _transact_pipelined(
+    conn: _Connection,
+    envelope: Envelope,
+    body: bytes,
+    options: list[str],
+    encoding: str,
+    progress: _Progress,
+    timeouts: SmtpTimeouts,
+) -> DeliveryResult:
+    """RFC 2920: [RSET,] MAIL, RCPT and DATA in one write, their replies read in order;
+    then the message and its reply. Refusals raise what one command at a time raises."""
+    started = time.monotonic()
+    rset = not conn.clean
+    mail = f"MAIL FROM:<{envelope.mail_from}>{''.join(' ' + o for o in options)}\r\n"
+    rcpt = f"RCPT TO:<{envelope.rcpt_to}>\r\n"
+    with PipelinedReplies(conn.smtp) as replies:
+        replies.write((b"RSET\r\n" if rset else b"") + (mail + rcpt).encode(encoding) + b"DATA\r\n")
+        conn.clean = False
+        if rset:
+            await _reset_reply(conn, replies, timeouts.command)
+        await _envelope_replies(conn, replies, envelope, progress, timeouts, first=not rset)
+        replies.write(_dot_stuff(body) + b".\r\n")
+        progress.phase = _Phase.END_OF_DATA
+        reply = await replies.next(timeouts.end_of_data)
+    conn.clean = True
+    if reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+        conn.smtp.close()
+    return _reply_result(reply.code, reply.message, progress, _elapsed(started))
+
+
+async def _opening_reply(
+    conn: _Connection, replies: PipelinedReplies, within: float
+) -> aiosmtplib.SMTPResponse:
+    """The first reply on a session taken from the idle list. None, or 421, means the
+    server had closed the session meanwhile: nothing of this message reached it."""
+    try:
+        reply = await replies.next(within)
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        if conn.reused:
+            raise _StaleConnection("closed by the server while idle") from exc
+        raise
+    if conn.reused and reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+        raise _StaleConnection(f"{reply.code} {reply.message}")
+    return reply
+
+
+async def _reset_reply(conn: _Connection, replies: PipelinedReplies, within: float) -> None:
+    reply = await _opening_reply(conn, replies, within)
+    if reply.code != aiosmtplib.SMTPStatus.completed:
+        raise _StaleConnection(f"RSET: {reply.code} {reply.message}")
+
+
+async def _envelope_replies(
+    conn: _Connection,
+    replies: PipelinedReplies,
+    envelope: Envelope,
+    progress: _Progress,
+    timeouts: SmtpTimeouts,
+    *,
+    first: bool,
+) -> None:
+    """The replies to MAIL, RCPT and DATA; the first refusal among them is raised once
+    the session is back in step (a session that cannot be is closed)."""
+    refusal: aiosmtplib.SMTPResponseException | None = None
+    steps = ((_Phase.MAIL, timeouts.mail), (_Phase.RCPT, timeouts.rcpt))
+    for phase, timeout in (*steps, (_Phase.DATA, timeouts.data_init)):
+        if refusal is None:
+            progress.phase = phase
+        try:
+            if first and phase is _Phase.MAIL:
+                reply = await _opening_reply(conn, replies, timeout)
+            else:
+                reply = await replies.next(timeout)
+        except _SMTP_FAILURES:
+            if refusal is None:
+                raise
+            conn.smtp.close()  # out of step: never reused
+            raise refusal from None
+        refusal = refusal or _refused(phase, reply, envelope)
+    if refusal is None:
+        return
+    if reply.code == aiosmtplib.SMTPStatus.start_input:
+        # A server that took DATA without a recipient: an empty message ends it.
+        try:
+            replies.write(b".\r\n")
+            await replies.next(timeouts.end_of_data)
+        except _SMTP_FAILURES:
+            conn.smtp.close()
+    raise refusal
+
+
+def _refused(
+    phase: _Phase, reply: aiosmtplib.SMTPResponse, envelope: Envelope
+) -> aiosmtplib.SMTPResponseException | None:
+    code, text = reply.code, reply.message
+    if phase is _Phase.MAIL and code != aiosmtplib.SMTPStatus.completed:
+        return aiosmtplib.SMTPSenderRefused(code, text, envelope.mail_from)
+    if phase is _Phase.RCPT and code not in _RCPT_ACCEPTED:
+        return aiosmtplib.SMTPRecipientRefused(code, text, envelope.rcpt_to)
+    if phase is _Phase.DATA and code != aiosmtplib.SMTPStatus.start_input:
+        return aiosmtplib.SMTPDataError(code, text)
+    return None
 
 
 def _reusable_after(exc: Exception, progress: _Progress) -> bool:
@@ -637,7 +758,14 @@ class _Pool:
         conn: _Connection | None = None
         try:
             conn = await self._checkout(destination, open_connection, progress)
-            result = await _transact(conn, envelope, progress, self._timeouts, started)
+            try:
+                result = await _transact(conn, envelope, progress, self._timeouts, started)
+            except _StaleConnection:
+                conn.smtp.close()
+                conn = None
+                progress.phase = _Phase.CONNECT
+                conn = await open_connection(progress)
+                result = await _transact(conn, envelope, progress, self._timeouts, started)
         except _SMTP_FAILURES as exc:
             if conn is not None and _reusable_after(exc, progress):
                 self._checkin(destination, conn)
@@ -656,6 +784,10 @@ class _Pool:
     ) -> _Connection:
         while destination.idle:
             conn = destination.idle.pop()
+            conn.reused = True
+            # With PIPELINING the transaction's first reply tells a closed session.
+            if conn.pipelining and conn.smtp.is_connected:
+                return conn
             if await self._still_usable(conn):
                 return conn
         progress.phase = _Phase.CONNECT

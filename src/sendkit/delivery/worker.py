@@ -20,7 +20,7 @@ from enum import Enum
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sendkit import dkim, domains, logs, mime, suppressions, unsubscribe
+from sendkit import dkim, domains, logs, mime, signing, suppressions, unsubscribe
 from sendkit.addresses import normalise_domain
 from sendkit.config import Settings
 from sendkit.contacts import Status
@@ -119,10 +119,12 @@ class Worker:
         *,
         concurrency: int | None = None,
         rng: random.Random | None = None,
+        signer: signing.Signer | None = None,
     ) -> None:
         settings = services.settings
         self.services = services
         self.transport = transport
+        self.signer = signer or signing.shared(settings.signing_processes)
         self.policy = retry_policy(settings)
         self.concurrency = concurrency or settings.worker_concurrency
         self.prefetch = self.concurrency
@@ -349,9 +351,9 @@ class Worker:
         key = await self._signing_key(message.account_id, _domain_of(message.from_addr))
         if key is None:
             return data
-        # In the process's signing threads (OpenSSL releases the GIL: the second core gets
-        # work), which run below the event loop's priority.
-        header = await dkim.sign_in_pool(data, key, int(time.time()))
+        # In the signing processes beside this one (`signing`): off the event loop and
+        # off its GIL.
+        header = await self.signer.sign(data, key, int(time.time()))
         return header + data
 
     async def send(self, message: Claimed, data: bytes) -> DeliveryResult:
