@@ -24,9 +24,11 @@ class Params:
     warmup_seconds: int = 1
     # `sendkit serve` as in production (SENDKIT_WEB_PROCESSES, with Redis when more than
     # one; 1 when Redis does not answer). SQLite has one writer: a second process adds
-    # lock hand-offs and took intake from ~880 to ~650 req/s here; PostgreSQL gains.
+    # lock hand-offs and took intake from ~880 to ~650 req/s here. PostgreSQL: one API
+    # process per core, the delivery process counted (two API processes beside it
+    # delivered 1,109-1,242 msg/s end to end, one 1,229-1,323, in the fifth round).
     serve_processes_sqlite: int = 1
-    serve_processes_postgresql: int = 2
+    serve_processes_postgresql: int = 1
     # SENDKIT_WORKER_PROCESSES for the end-to-end and intake servers: delivery in a niced
     # process of its own, as README's production start has it. The memory benchmark keeps
     # delivery inside `sendkit serve` (the default), so one process's peak RSS is all of it.

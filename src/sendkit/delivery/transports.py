@@ -348,6 +348,10 @@ _CONFIGURATION_CODES = frozenset({530})
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# An ASCII dot-atom at a dot-separated LDH domain: the common address, which parseaddr
+# (and so aiosmtplib) returns unchanged.
+_DOT_ATOM_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 _EHLO_UNSUPPORTED = frozenset({500, 501, 502, 504})
 _RCPT_ACCEPTED = frozenset({250, 251})  # as aiosmtplib's SMTP.rcpt
 
@@ -402,12 +406,16 @@ def _host_label(host: str, port: int) -> str:
 
 def _wire_body(data: bytes) -> bytes:
     # SMTP only knows CRLF; messages from the builder already use it, so for them (and their
-    # DKIM signature) this is a no-op.
-    body = _LINE_ENDINGS.sub(b"\r\n", data)
-    return body if body.endswith(b"\r\n") else body + b"\r\n"
+    # DKIM signature) this is a no-op, found without a regex pass over the body.
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 def _dot_stuff(body: bytes) -> bytes:
+    if not body.startswith(b".") and b"\n." not in body:
+        return body
     return _LEADING_DOT.sub(b"..", body)
 
 
@@ -422,6 +430,8 @@ def _check_limit(limit: int) -> None:
 
 
 def _is_plain_address(address: str) -> bool:
+    if _DOT_ATOM_ADDRESS.fullmatch(address):
+        return True  # what parseaddr gives back unchanged, known without it
     if any(ord(ch) <= 32 or ord(ch) == 127 or ch in '<>"' for ch in address):
         return False
     # aiosmtplib re-parses addresses with email.utils.parseaddr, which quietly extracts
