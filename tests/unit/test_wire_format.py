@@ -29,38 +29,30 @@ def test_the_fast_path_accepts_only_what_parseaddr_returns_unchanged() -> None:
     for _ in range(5000):
         address = _dot_atom_address(rng)
         assert transports._DOT_ATOM_ADDRESS.fullmatch(address)
-        assert parse_address(address) == address, address
+        assert transports._parses_unchanged(address), address
+        assert parse_address(address) == address
 
 
 @pytest.mark.parametrize(
-    "address",
+    ("address", "plain"),
     [
-        "a..b@example.com",
-        ".a@example.com",
-        "a.@example.com",
-        "a@example..com",
-        "a b@example.com",
-        "a@example.com\r\nRCPT TO:<x@y.z>",
-        "a@example.com>",
-        '"quoted"@example.com',
-        "a@[127.0.0.1]",
-        "Name <a@example.com>",
-        "ünicode@example.com",
+        ("a..b@example.com", True),
+        (".a@example.com", True),
+        ("a.@example.com", True),
+        ("a@example..com", True),
+        ("a b@example.com", False),
+        ("a@example.com\r\nRCPT TO:<x@y.z>", False),
+        ("a@example.com>", False),
+        ('"quoted"@example.com', False),
+        ("Name <a@example.com>", False),
+        ("a@[127.0.0.1]", True),
+        ("ünicode@example.com", True),
     ],
 )
-def test_other_addresses_take_the_slow_path(address: str) -> None:
+def test_other_addresses_take_the_slow_path(address: str, plain: bool) -> None:
+    """(parseaddr lets odd dots and literals through unchanged; the rule is as before.)"""
     assert not transports._DOT_ATOM_ADDRESS.fullmatch(address)
-    slow = parse_address_unchanged(address)
-    assert transports._is_plain_address(address) is slow
-
-
-def parse_address_unchanged(address: str) -> bool:
-    if any(ord(ch) <= 32 or ord(ch) == 127 or ch in '<>"' for ch in address):
-        return False
-    try:
-        return parse_address(address) == address
-    except ValueError:
-        return False
+    assert transports._is_plain_address(address) is plain
 
 
 @pytest.mark.parametrize(

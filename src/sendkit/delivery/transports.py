@@ -430,8 +430,11 @@ def _check_limit(limit: int) -> None:
 
 
 def _is_plain_address(address: str) -> bool:
-    if _DOT_ATOM_ADDRESS.fullmatch(address):
-        return True  # what parseaddr gives back unchanged, known without it
+    # The common address is known to come back from parseaddr unchanged without it.
+    return bool(_DOT_ATOM_ADDRESS.fullmatch(address)) or _parses_unchanged(address)
+
+
+def _parses_unchanged(address: str) -> bool:
     if any(ord(ch) <= 32 or ord(ch) == 127 or ch in '<>"' for ch in address):
         return False
     # aiosmtplib re-parses addresses with email.utils.parseaddr, which quietly extracts
