@@ -659,3 +659,51 @@ def test_simple_address_fast_path_matches_full_parser() -> None:
         hits += 1
         assert (mime._simple_mailbox(match),) == mime._parse_mailboxes_fully(value), value
     assert hits > 1000
+
+
+def _with_the_generator(msg: OutgoingMessage) -> bytes:
+    """build() as it was for text/plain: through email.generator."""
+    message = EmailMessage(policy=mime._POLICY)
+    for name, value in mime._headers(msg):
+        message.set_raw(name, value)
+    mime._set_text(message, msg.body, "plain")
+    return message.as_bytes()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"body": ""},
+        {"body": "no final newline"},
+        {"body": "From the top\n.\n..\nend\r\nCR\rLF\n"},
+        {"body": "é" * 300},  # base64 is shorter
+        {"body": "x" * 5000 + "\n" + "tab\tend \n"},
+        {"body": "\x00\x01 controls \x7f\n"},
+        {"subject": "Ünïcødé " * 20, "to_header": "Zoë Ünïcødé <zoe@example.com>"},
+        {"subject": "long " * 60},
+        {
+            "extra_headers": (
+                ("List-Unsubscribe", "<https://example.com/u/" + "a" * 120 + ">"),
+                ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+                ("Reply-To", "Support <support@acme.example>"),
+                ("X-Note", "Grüße"),
+            )
+        },
+    ],
+)
+def test_text_messages_are_written_exactly_as_the_generator_writes_them(
+    overrides: dict[str, object],
+) -> None:
+    msg = make(**overrides)
+    assert build(msg) == _with_the_generator(msg)
+
+
+def test_random_text_messages_match_the_generator_too() -> None:
+    rng = random.Random(11)
+    alphabet = "ab .\n\r\t=é€\x00>From-" + "x" * 20
+    for _ in range(300):
+        body = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
+        subject = "".join(rng.choice("Sub ject é") for _ in range(rng.randint(0, 120)))
+        msg = make(body=body, subject=subject)
+        assert build(msg) == _with_the_generator(msg), (body, subject)
