@@ -8,31 +8,32 @@ measured ~1,170 messages a second against ~1,950 with signing in a process besid
 pool of processes; requests that arrive while a batch is out go together in the next
 one, so the pipe costs one round trip per batch rather than per message.
 
+The processes run `sendkit.signing_child` (plain subprocesses with pipes: a
+multiprocessing child re-imports the parent's `__main__`, the whole app, ~90 MB of it).
 `SENDKIT_SIGNING_PROCESSES=0` keeps the old way: threads of the delivery process.
-This module stays light: the pool's processes import it, and `sendkit.dkim`, alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import ctypes.util
-import multiprocessing
+import collections
 import os
-import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Protocol
+import pickle
+import sys
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-from sendkit import dkim, logs
+from sendkit import dkim, logs, signing_child
+from sendkit.signing_child import end_with_parent
+
+__all__ = ["ProcessSigner", "Signer", "ThreadSigner", "end_with_parent", "start"]
 
 log = logs.get("sendkit.signing")
 
 # A batch this big takes a signing process ~25 ms: small enough that a message never
 # waits long behind others, big enough that the pipe's cost per message is small.
 _BATCH_MAX = 64
-_PR_SET_PDEATHSIG = 1
+_STOP_SECONDS = 5.0
 
 _Request = tuple[bytes, dkim.DkimKey, int]
 
@@ -42,7 +43,7 @@ class Signer(Protocol):
         """The DKIM-Signature field for `message` (see `dkim.sign`)."""
         ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class ThreadSigner:
@@ -51,43 +52,8 @@ class ThreadSigner:
     async def sign(self, message: bytes, key: dkim.DkimKey, now: int) -> bytes:
         return await dkim.sign_in_pool(message, key, now)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """The threads are the process's: nothing to stop."""
-
-
-def end_with_parent(parent: int) -> None:
-    """SIGTERM when the parent dies without its cleanup (Linux; elsewhere a no-op),
-    also if it died while this process was starting."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        raise SystemExit(0)
-
-
-def _start_child(parent: int, niceness: int) -> None:
-    # The parent decides when signing stops (it drains its deliveries first): a Ctrl-C
-    # reaching the whole process group must not take the signer away under it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    end_with_parent(parent)
-    if niceness:
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
-
-
-def _ready() -> int:
-    return os.getpid()
-
-
-def sign_batch(requests: list[_Request]) -> list[bytes | ValueError]:
-    """Runs in a signing process: one result per request, in order."""
-    results: list[bytes | ValueError] = []
-    for message, key, now in requests:
-        try:
-            results.append(dkim.sign(message, key, now))
-        except ValueError as exc:
-            results.append(exc)
-    return results
 
 
 class _Pending:
@@ -98,13 +64,52 @@ class _Pending:
         self.future = future
 
 
-class ProcessSigner:
-    """`processes` signing processes (spawned: no inherited threads or sockets), fed in
-    batches, at most two per process out at once so each always has its next batch.
+def _settle(batch: list[_Pending], results: list[bytes | ValueError]) -> None:
+    for item, result in zip(batch, results, strict=True):
+        if item.future.done():  # its caller was cancelled
+            continue
+        if isinstance(result, ValueError):
+            item.future.set_exception(result)
+        else:
+            item.future.set_result(result)
 
-    A process that dies (killed, out of memory) breaks the pool: the batches it had are
-    signed in this process's threads instead and a fresh pool takes the next ones, so no
-    message waits for a lease to run out because of it.
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+class _Child:
+    """One signing process (`sendkit.signing_child`) and the batches it has been sent,
+    whose results come back in the same order."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.sent: collections.deque[list[_Pending]] = collections.deque()
+
+    def send(self, batch: list[_Pending]) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(signing_child.frame([item.request for item in batch]))
+        self.sent.append(batch)
+
+    async def results(self) -> list[bytes | ValueError]:
+        stdout = self.process.stdout
+        assert stdout is not None
+        header = await stdout.readexactly(signing_child.HEADER_SIZE)
+        body = await stdout.readexactly(signing_child.frame_length(header))
+        # Only our own signing process writes this pipe.
+        results: list[bytes | ValueError] = pickle.loads(body)  # noqa: S301
+        return results
+
+
+class ProcessSigner:
+    """`processes` signing processes fed in batches, at most two out at each at once so
+    that it always has its next batch.
+
+    A process that dies (killed, out of memory) costs no signature: the batches it had
+    are signed in this process's threads, and a new process takes its place.
     """
 
     def __init__(self, processes: int, *, niceness: int = 0) -> None:
@@ -112,103 +117,137 @@ class ProcessSigner:
             raise ValueError("a process signer needs at least one process")
         self.processes = processes
         self._niceness = niceness
-        self._pool: ProcessPoolExecutor | None = None
+        self._children: list[_Child] = []
+        self._starting = 0
         self._waiting: list[_Pending] = []
-        self._out = 0  # batches sent and not answered yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def start(self) -> None:
-        """Spawn the processes now, so the first messages do not wait for them."""
-        pool = self._executor()
-        for _ in range(self.processes):
-            pool.submit(_ready)
+    @property
+    def pids(self) -> list[int]:
+        return [child.process.pid for child in self._children]
 
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_child,
-                initargs=(os.getpid(), self._niceness),
+    def start(self) -> None:
+        """Start the processes now, so that the first messages do not wait for them
+        (outside a running loop, `sign` starts them)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        while len(self._children) + self._starting < self.processes and not self._closed:
+            self._starting += 1
+            self._spawn_task(self._start_child())
+
+    def _spawn_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_child(self) -> None:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "sendkit.signing_child",
+                str(os.getpid()),
+                str(self._niceness),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
             )
-        return self._pool
+        except OSError:
+            log.exception("signing_process_not_started")
+            self._starting -= 1
+            self._sign_here(self._take_waiting())
+            return
+        self._starting -= 1
+        child = _Child(process)
+        if self._closed:
+            await self._stop(child)
+            return
+        self._children.append(child)
+        self._spawn_task(self._read(child))
+        self._send_batches()
 
     async def sign(self, message: bytes, key: dkim.DkimKey, now: int) -> bytes:
         if self._closed:
             raise RuntimeError("the signer is closed")
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Pending((message, key, now), future))
+        self.start()
         self._send_batches()
         return await future
 
     def _send_batches(self) -> None:
-        limit = 2 * self.processes
-        while self._waiting and self._out < limit:
-            # Spread what waits over the free places, so no process idles.
-            size = min(_BATCH_MAX, -(-len(self._waiting) // (limit - self._out)))
-            batch, self._waiting = self._waiting[:size], self._waiting[size:]
-            self._out += 1
-            task = asyncio.create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        for child in self._children:
+            while self._waiting and len(child.sent) < 2:
+                child.send(self._take_waiting(self._batch_size()))
 
-    async def _run(self, batch: list[_Pending]) -> None:
-        requests = [item.request for item in batch]
-        pool = self._executor()
+    def _batch_size(self) -> int:
+        # Spread what waits over the free places, so that no process idles.
+        free = sum(2 - len(child.sent) for child in self._children) or 1
+        return min(_BATCH_MAX, -(-len(self._waiting) // free))
+
+    def _take_waiting(self, size: int | None = None) -> list[_Pending]:
+        size = len(self._waiting) if size is None else size
+        batch, self._waiting = self._waiting[:size], self._waiting[size:]
+        return batch
+
+    async def _read(self, child: _Child) -> None:
         try:
-            try:
-                results = await self._in_pool(pool, requests)
-            except BrokenProcessPool:
-                log.warning("signing_process_lost", batch=len(batch))
-                self._replace(pool)
-                results = await asyncio.get_running_loop().run_in_executor(
-                    dkim.signing_pool(), sign_batch, requests
-                )
-        except BaseException as exc:  # cancelled, or the pool shut down under it
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for item, result in zip(batch, results, strict=True):
-                if item.future.done():  # its caller was cancelled
-                    continue
-                if isinstance(result, ValueError):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
-        finally:
-            self._out -= 1
-            if not self._closed:
+            while True:
+                results = await child.results()
+                _settle(child.sent.popleft(), results)
                 self._send_batches()
+        except (asyncio.IncompleteReadError, OSError, pickle.UnpicklingError, EOFError):
+            pass
+        # The process ended (or was stopped): what it had is signed here.
+        self._children.remove(child)
+        lost = [item for batch in child.sent for item in batch]
+        child.sent.clear()
+        if self._closed:
+            _fail(lost, RuntimeError("the signer is closed"))
+            return
+        log.warning("signing_process_lost", pid=child.process.pid, messages=len(lost))
+        await child.process.wait()
+        self._sign_here(lost)
+        self.start()
 
-    async def _in_pool(
-        self, pool: ProcessPoolExecutor, requests: list[_Request]
-    ) -> list[bytes | ValueError]:
-        return await asyncio.get_running_loop().run_in_executor(pool, sign_batch, requests)
+    def _sign_here(self, batch: list[_Pending]) -> None:
+        if batch:
+            self._spawn_task(self._sign_in_threads(batch))
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        # Only once per broken pool: its other batches must not take the fresh one down.
-        if self._pool is broken:
-            self._pool = None
-        broken.shutdown(wait=False, cancel_futures=True)
+    async def _sign_in_threads(self, batch: list[_Pending]) -> None:
+        requests = [item.request for item in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                dkim.signing_pool(), signing_child.sign_batch, requests
+            )
+        except BaseException as exc:
+            _fail(batch, exc)
+            raise
+        _settle(batch, results)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Stop the processes; signatures still waiting fail (callers drain first)."""
         self._closed = True
-        waiting, self._waiting = self._waiting, []
-        for item in waiting:
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("the signer is closed"))
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        _fail(self._take_waiting(), RuntimeError("the signer is closed"))
+        await asyncio.gather(*(self._stop(child) for child in list(self._children)))
+
+    async def _stop(self, child: _Child) -> None:
+        stdin = child.process.stdin
+        if stdin is not None:
+            stdin.close()  # the process ends at the end of its input
+        try:
+            await asyncio.wait_for(child.process.wait(), _STOP_SECONDS)
+        except TimeoutError:
+            child.process.kill()
+            await child.process.wait()
 
 
 def start(processes: int) -> Signer:
-    """A signer with `processes` signing processes (0: this process's threads), started.
+    """A signer with `processes` signing processes (0: this process's threads), started;
+    whoever starts one closes it.
     Below this process's priority where `dkim` signs below the loop (an API in the same
     process: its requests first), at it in a delivery process (niced as a whole)."""
     if processes == 0:
@@ -216,16 +255,4 @@ def start(processes: int) -> Signer:
     niceness = dkim.SIGNING_NICENESS if dkim.signs_below_the_loop() else 0
     signer = ProcessSigner(processes, niceness=niceness)
     signer.start()
-    return signer
-
-
-_shared: dict[int, Signer] = {}
-
-
-def shared(processes: int) -> Signer:
-    """One signer per process and size for workers built without one (tests, tools),
-    kept for the process's life."""
-    signer = _shared.get(processes)
-    if signer is None:
-        signer = _shared[processes] = start(processes)
     return signer

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -27,46 +29,53 @@ def key() -> DkimKey:
 
 
 @pytest.fixture
-async def signer() -> signing.ProcessSigner:
+async def signer() -> AsyncIterator[signing.ProcessSigner]:
     started = signing.ProcessSigner(1)
     started.start()
     yield started
-    started.close()
+    await started.close()
 
 
-def _children(signer: signing.ProcessSigner) -> list[int]:
-    pool = signer._pool
-    assert pool is not None
-    return list(pool._processes)  # type: ignore[attr-defined]
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
 
 
 async def test_a_burst_is_signed_exactly_like_sign_in_few_batches(
     signer: signing.ProcessSigner, key: DkimKey
 ) -> None:
     messages = [_message(n) for n in range(150)]
-    calls = 0
-    real = signer._in_pool
+    await signer.sign(messages[0], key, NOW)  # started
+    (child,) = signer._children
+    sent = 0
+    real = child.send
 
-    async def counted(
-        pool: object, requests: list[tuple[bytes, DkimKey, int]]
-    ) -> list[bytes | ValueError]:
-        nonlocal calls
-        calls += 1
-        return await real(pool, requests)  # type: ignore[arg-type]
+    def counted(batch: list[signing._Pending]) -> None:
+        nonlocal sent
+        sent += 1
+        real(batch)
 
-    signer._in_pool = counted  # type: ignore[method-assign]
+    child.send = counted  # type: ignore[method-assign]
     headers = await asyncio.gather(*(signer.sign(m, key, NOW) for m in messages))
     # RSA PKCS#1 v1.5 is deterministic: same input, same signature.
     assert headers == [sign(m, key, NOW) for m in messages]
-    assert calls <= 150 // 64 + 3  # batches, not one round trip per message
+    assert sent <= 150 // 64 + 3  # batches, not one round trip per message
 
 
-async def test_signatures_are_computed_in_another_process(
+async def test_signatures_are_computed_in_a_small_process_of_their_own(
     signer: signing.ProcessSigner, key: DkimKey
 ) -> None:
     await signer.sign(_message(0), key, NOW)
-    children = _children(signer)
-    assert children and os.getpid() not in children
+    (pid,) = signer.pids
+    assert pid != os.getpid()
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [
+        b"-m",
+        b"sendkit.signing_child",
+    ]
+    # It imports what signing needs, not the app (a multiprocessing child took ~90 MB).
+    assert _rss_kb(pid) < 60_000
 
 
 async def test_a_bad_message_fails_alone(signer: signing.ProcessSigner, key: DkimKey) -> None:
@@ -86,14 +95,15 @@ async def test_a_killed_signing_process_loses_no_signature(
     signer: signing.ProcessSigner, key: DkimKey
 ) -> None:
     await signer.sign(_message(0), key, NOW)
-    (child,) = _children(signer)
-    os.kill(child, signal.SIGKILL)
-    # Those in the broken pool are signed here instead, and a fresh pool takes the next.
-    first = await asyncio.gather(*(signer.sign(_message(n), key, NOW) for n in range(10)))
-    assert first == [sign(_message(n), key, NOW) for n in range(10)]
+    (pid,) = signer.pids
+    pending = [asyncio.ensure_future(signer.sign(_message(n), key, NOW)) for n in range(10)]
+    await asyncio.sleep(0)  # sent to the process
+    os.kill(pid, signal.SIGKILL)
+    # What it had is signed here instead, and a new process takes the next ones.
+    assert await asyncio.gather(*pending) == [sign(_message(n), key, NOW) for n in range(10)]
     later = await signer.sign(_message(11), key, NOW)
     assert later == sign(_message(11), key, NOW)
-    assert _children(signer) != [child]
+    assert signer.pids and signer.pids != [pid]
 
 
 async def test_signing_processes_run_below_the_caller_when_asked(key: DkimKey) -> None:
@@ -101,21 +111,23 @@ async def test_signing_processes_run_below_the_caller_when_asked(key: DkimKey) -
     below.start()
     try:
         await below.sign(_message(0), key, NOW)
-        (child,) = _children(below)
+        (pid,) = below.pids
         here = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, child) == min(19, here + dkim.SIGNING_NICENESS)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, here + dkim.SIGNING_NICENESS)
     finally:
-        below.close()
+        await below.close()
 
 
 async def test_close_stops_the_processes_and_refuses_more(key: DkimKey) -> None:
-    closing = signing.ProcessSigner(1)
+    closing = signing.ProcessSigner(2)
     closing.start()
-    await closing.sign(_message(0), key, NOW)
-    (child,) = _children(closing)
-    closing.close()
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)
+    await asyncio.gather(*(closing.sign(_message(n), key, NOW) for n in range(4)))
+    pids = closing.pids
+    assert len(pids) == 2
+    await closing.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     with pytest.raises(RuntimeError):
         await closing.sign(_message(1), key, NOW)
 
@@ -130,7 +142,7 @@ async def test_zero_processes_sign_in_this_process_threads(key: DkimKey) -> None
 
     dkim.sign = recording  # type: ignore[assignment]
     try:
-        header = await signing.shared(0).sign(_message(3), key, NOW)
+        header = await signing.start(0).sign(_message(3), key, NOW)
     finally:
         dkim.sign = real  # type: ignore[assignment]
     assert header == sign(_message(3), key, NOW)

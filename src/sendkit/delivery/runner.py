@@ -37,7 +37,7 @@ class RunningWorkers:
         await self.worker.transport.close()
         # Before the process ends: a delivery process is a multiprocessing child, whose
         # exit joins its children before the pool's own exit hook could stop them.
-        self.worker.signer.close()
+        await self.worker.signer.close()
         if self.webhooks is not None:
             await self.webhooks[0].close()
 

@@ -124,7 +124,9 @@ class Worker:
         settings = services.settings
         self.services = services
         self.transport = transport
-        self.signer = signer or signing.shared(settings.signing_processes)
+        # Signing processes are started and closed by `start_workers`; a worker built
+        # without a signer signs in this process's threads.
+        self.signer: signing.Signer = signer or signing.ThreadSigner()
         self.policy = retry_policy(settings)
         self.concurrency = concurrency or settings.worker_concurrency
         self.prefetch = self.concurrency
