@@ -20,6 +20,7 @@ import collections
 import os
 import pickle
 import sys
+import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ log = logs.get("sendkit.signing")
 # waits long behind others, big enough that the pipe's cost per message is small.
 _BATCH_MAX = 64
 _STOP_SECONDS = 5.0
+_MAX_PAUSE_SECONDS = 60.0
 
 _Request = tuple[bytes, dkim.DkimKey, int]
 
@@ -87,6 +89,7 @@ class _Child:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.sent: collections.deque[list[_Pending]] = collections.deque()
+        self.answered = False
 
     def send(self, batch: list[_Pending]) -> None:
         stdin = self.process.stdin
@@ -103,22 +106,39 @@ class _Child:
         results: list[bytes | ValueError] = pickle.loads(body)  # noqa: S301
         return results
 
+    async def end(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+
 
 class ProcessSigner:
     """`processes` signing processes fed in batches, at most two out at each at once so
     that it always has its next batch.
 
     A process that dies (killed, out of memory) costs no signature: the batches it had
-    are signed in this process's threads, and a new process takes its place.
+    are signed in this process's threads, and a new process takes its place. Processes
+    that end before answering anything (cannot start) are tried again after a growing
+    pause, up to a minute; meanwhile this process's threads sign.
     """
 
-    def __init__(self, processes: int, *, niceness: int = 0) -> None:
+    def __init__(
+        self,
+        processes: int,
+        *,
+        niceness: int = 0,
+        command: tuple[str, ...] = (sys.executable, "-P", "-m", "sendkit.signing_child"),
+    ) -> None:
         if processes < 1:
             raise ValueError("a process signer needs at least one process")
         self.processes = processes
+        self.started = 0  # processes started so far
         self._niceness = niceness
+        self._command = command
         self._children: list[_Child] = []
         self._starting = 0
+        self._failures = 0  # processes in a row that ended without answering
+        self._resume_at = 0.0  # time.monotonic(): no new process before it
         self._waiting: list[_Pending] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -134,8 +154,11 @@ class ProcessSigner:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        while len(self._children) + self._starting < self.processes and not self._closed:
+        if self._closed or time.monotonic() < self._resume_at:
+            return
+        while len(self._children) + self._starting < self.processes:
             self._starting += 1
+            self.started += 1
             self._spawn_task(self._start_child())
 
     def _spawn_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -146,9 +169,7 @@ class ProcessSigner:
     async def _start_child(self) -> None:
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sendkit.signing_child",
+                *self._command,
                 str(os.getpid()),
                 str(self._niceness),
                 stdin=asyncio.subprocess.PIPE,
@@ -157,7 +178,8 @@ class ProcessSigner:
         except OSError:
             log.exception("signing_process_not_started")
             self._starting -= 1
-            self._sign_here(self._take_waiting())
+            self._pause_after_failure()
+            self._send_batches()
             return
         self._starting -= 1
         child = _Child(process)
@@ -181,6 +203,8 @@ class ProcessSigner:
         for child in self._children:
             while self._waiting and len(child.sent) < 2:
                 child.send(self._take_waiting(self._batch_size()))
+        if self._waiting and not self._children and not self._starting:
+            self._sign_here(self._take_waiting())  # no process to be had for now
 
     def _batch_size(self) -> int:
         # Spread what waits over the free places, so that no process idles.
@@ -193,24 +217,38 @@ class ProcessSigner:
         return batch
 
     async def _read(self, child: _Child) -> None:
-        try:
-            while True:
+        while True:
+            try:
                 results = await child.results()
-                _settle(child.sent.popleft(), results)
-                self._send_batches()
-        except (asyncio.IncompleteReadError, OSError, pickle.UnpicklingError, EOFError):
-            pass
-        # The process ended (or was stopped): what it had is signed here.
+            except Exception:  # the end of its output, or output we cannot read
+                break
+            if not child.sent or len(results) != len(child.sent[0]):
+                break  # out of step: not to be trusted with more
+            child.answered = True
+            _settle(child.sent.popleft(), results)
+            self._send_batches()
+        # What the process still had is signed here, and another takes its place.
         self._children.remove(child)
         lost = [item for batch in child.sent for item in batch]
         child.sent.clear()
+        await child.end()
         if self._closed:
             _fail(lost, RuntimeError("the signer is closed"))
             return
-        log.warning("signing_process_lost", pid=child.process.pid, messages=len(lost))
-        await child.process.wait()
+        log.warning("signing_process_lost", exit_code=child.process.returncode, messages=len(lost))
+        if child.answered:
+            self._failures = 0
+        else:
+            self._pause_after_failure()
         self._sign_here(lost)
         self.start()
+        self._send_batches()
+
+    def _pause_after_failure(self) -> None:
+        self._failures += 1
+        pause = min(_MAX_PAUSE_SECONDS, 0.5 * 2 ** (self._failures - 1))
+        self._resume_at = time.monotonic() + pause
+        asyncio.get_running_loop().call_later(pause, self.start)
 
     def _sign_here(self, batch: list[_Pending]) -> None:
         if batch:
@@ -223,9 +261,9 @@ class ProcessSigner:
             results = await loop.run_in_executor(
                 dkim.signing_pool(), signing_child.sign_batch, requests
             )
-        except BaseException as exc:
+        except BaseException as exc:  # cancelled with the loop: each caller hears it
             _fail(batch, exc)
-            raise
+            return
         _settle(batch, results)
 
     async def close(self) -> None:
@@ -241,8 +279,7 @@ class ProcessSigner:
         try:
             await asyncio.wait_for(child.process.wait(), _STOP_SECONDS)
         except TimeoutError:
-            child.process.kill()
-            await child.process.wait()
+            await child.end()
 
 
 def start(processes: int) -> Signer:

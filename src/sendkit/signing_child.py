@@ -1,4 +1,4 @@
-"""A signing process: `python -m sendkit.signing_child PARENT_PID NICENESS`.
+"""A signing process: `python -P -m sendkit.signing_child PARENT_PID NICENESS`.
 
 Reads batches of signing requests from stdin and writes one batch of results for each to
 stdout, in order; ends at the end of stdin, or when its parent dies. It imports
@@ -51,13 +51,16 @@ HEADER_SIZE = _LENGTH.size
 
 
 def sign_batch(requests: list[tuple[bytes, dkim.DkimKey, int]]) -> list[bytes | ValueError]:
-    """One result per request, in order."""
+    """One result per request, in order: a message that cannot be signed fails alone
+    (as ValueError, what callers of `dkim.sign` handle), never the batch."""
     results: list[bytes | ValueError] = []
     for message, key, now in requests:
         try:
             results.append(dkim.sign(message, key, now))
         except ValueError as exc:
             results.append(exc)
+        except Exception as exc:
+            results.append(ValueError(f"cannot sign: {type(exc).__name__}: {exc}"))
     return results
 
 
@@ -85,7 +88,11 @@ def main(argv: list[str]) -> None:
     if niceness:
         with contextlib.suppress(OSError):
             os.nice(niceness)
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    # Frames go to a copy of stdout; whatever else writes to fd 1 (a stray print, a
+    # library's warning) lands on stderr instead of in the middle of a frame.
+    frames = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    serve(sys.stdin.buffer, frames)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,25 @@ async def test_transaction_replies_map_to_outcomes(
     assert smtp_sink.messages == []
 
 
+@pytest.mark.parametrize("stage", [Stage.MAIL, Stage.RCPT, Stage.DATA])
+async def test_a_success_reply_where_a_refusal_was_raised_defers(
+    smtp_sink: SmtpSink, stage: Stage
+) -> None:
+    """A DATA answered 250 (or any 2xx/3xx out of step): nothing was sent, so never
+    "delivered", and the session is not reused."""
+    smtp_sink.fault = Fault.reply(stage, 250 if stage is Stage.DATA else 354, "2.0.0 odd")
+    async with relay(smtp_sink) as transport:
+        odd = await transport.send(envelope())
+        smtp_sink.fault = None
+        delivered = await transport.send(envelope())
+
+    assert odd.outcome is Outcome.DEFERRED
+    assert odd.text.startswith("unexpected reply to ")
+    assert delivered.delivered
+    assert len(smtp_sink.messages) == 1
+    assert smtp_sink.connections_opened == 2
+
+
 @pytest.mark.parametrize(
     ("stage", "code"), [(Stage.CONNECT, 554), (Stage.CONNECT, 421), (Stage.EHLO, 550)]
 )
@@ -817,9 +836,13 @@ async def test_pipelining_ends_a_data_accepted_without_a_recipient() -> None:
     assert delivered.delivered
 
 
-async def test_pipelining_replaces_a_session_the_server_closed_while_idle() -> None:
-    """The first reply on a reused session is 421 (an idle timeout): the message goes on
-    a new session, as if the old one had never been picked."""
+@pytest.mark.parametrize(
+    "goodbye",
+    [b"421 4.4.2 Idle too long, closing\r\n", b"451 4.7.0 Timeout waiting for client input\r\n"],
+)
+async def test_pipelining_replaces_a_session_the_server_closed_while_idle(goodbye: bytes) -> None:
+    """The first reply on a reused session is a 4xx (an idle timeout): the message goes
+    on a new session, as if the old one had never been picked."""
     sessions: list[int] = []
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -833,7 +856,7 @@ async def test_pipelining_replaces_a_session_the_server_closed_while_idle() -> N
         await one(reader, writer)
         if n == 1:
             await read_until(reader, b"DATA\r\n")
-            writer.write(b"421 4.4.2 Idle too long, closing\r\n")
+            writer.write(goodbye)
             return
         await reader.read()
 
@@ -866,5 +889,28 @@ def test_pipelining_on_uvloop(tls: Literal["none", "starttls", "tls"]) -> None:
             assert all(r.delivered and r.tls == (tls != "none") for r in delivered)
             assert sink.connections_opened == 1
             assert len(sink.messages) == 3
+            assert sink.rset_count == 1  # pipelined: only after the refusal (else 3)
 
     uvloop.run(main())
+
+
+async def test_pipelining_defers_replies_out_of_step() -> None:
+    """Three 250s (a stray line shifted every reply by one): DATA was never accepted,
+    nothing is sent, and the session is dropped."""
+    sessions: list[int] = []
+    sent: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        sessions.append(n)
+        await read_until(reader, b"DATA\r\n")
+        writer.write(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n")
+        sent.append(await reader.read())
+
+    async with scripted(script) as address, scripted_relay(address) as transport:
+        odd = await asyncio.wait_for(transport.send(envelope()), 10)
+        again = await asyncio.wait_for(transport.send(envelope()), 10)
+
+    assert odd.outcome is Outcome.DEFERRED and again.outcome is Outcome.DEFERRED
+    assert odd.text == "unexpected reply to DATA: 250 Ok"
+    assert sent and set(sent) == {b""}  # no message body after those replies
+    assert sessions == [1, 2]

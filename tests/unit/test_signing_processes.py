@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,10 +71,8 @@ async def test_signatures_are_computed_in_a_small_process_of_their_own(
     await signer.sign(_message(0), key, NOW)
     (pid,) = signer.pids
     assert pid != os.getpid()
-    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [
-        b"-m",
-        b"sendkit.signing_child",
-    ]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[1:4] == [b"-P", b"-m", b"sendkit.signing_child"]
     # It imports what signing needs, not the app (a multiprocessing child took ~90 MB).
     assert _rss_kb(pid) < 60_000
 
@@ -100,7 +99,8 @@ async def test_a_killed_signing_process_loses_no_signature(
     await asyncio.sleep(0)  # sent to the process
     os.kill(pid, signal.SIGKILL)
     # What it had is signed here instead, and a new process takes the next ones.
-    assert await asyncio.gather(*pending) == [sign(_message(n), key, NOW) for n in range(10)]
+    signed = await asyncio.wait_for(asyncio.gather(*pending), 10)
+    assert signed == [sign(_message(n), key, NOW) for n in range(10)]
     later = await signer.sign(_message(11), key, NOW)
     assert later == sign(_message(11), key, NOW)
     assert signer.pids and signer.pids != [pid]
@@ -147,3 +147,45 @@ async def test_zero_processes_sign_in_this_process_threads(key: DkimKey) -> None
         dkim.sign = real  # type: ignore[assignment]
     assert header == sign(_message(3), key, NOW)
     assert seen and seen[0] != threading.get_ident()
+
+
+async def test_a_process_that_cannot_start_leaves_signing_to_threads(key: DkimKey) -> None:
+    """No process to be had (here /bin/false, which ends at once): every message is
+    still signed, and new processes are tried after a growing pause, not in a loop."""
+    broken = signing.ProcessSigner(1, command=("/bin/false",))
+    broken.start()
+    try:
+        for round_ in range(3):
+            headers = await asyncio.wait_for(
+                asyncio.gather(*(broken.sign(_message(n), key, NOW) for n in range(5))), 10
+            )
+            assert headers == [sign(_message(n), key, NOW) for n in range(5)], round_
+            await asyncio.sleep(0.3)
+        assert broken.started <= 3
+    finally:
+        await broken.close()
+
+
+# Answers every batch with an empty list: out of step with what it was sent.
+_OUT_OF_STEP = """
+import sys
+from sendkit import signing_child as c
+while header := sys.stdin.buffer.read(c.HEADER_SIZE):
+    sys.stdin.buffer.read(c.frame_length(header))
+    sys.stdout.buffer.write(c.frame([]))
+    sys.stdout.buffer.flush()
+"""
+
+
+async def test_a_process_out_of_step_is_replaced_and_its_batch_signed_here(
+    key: DkimKey,
+) -> None:
+    odd = signing.ProcessSigner(1, command=(sys.executable, "-c", _OUT_OF_STEP))
+    odd.start()
+    try:
+        headers = await asyncio.wait_for(
+            asyncio.gather(*(odd.sign(_message(n), key, NOW) for n in range(5))), 10
+        )
+        assert headers == [sign(_message(n), key, NOW) for n in range(5)]
+    finally:
+        await odd.close()

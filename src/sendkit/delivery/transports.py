@@ -338,6 +338,7 @@ class _Phase(Enum):
 
 
 _SESSION_PHASES = frozenset({_Phase.CONNECT, _Phase.EHLO, _Phase.STARTTLS, _Phase.AUTH})
+_ENVELOPE_PHASES = frozenset({_Phase.MAIL, _Phase.RCPT, _Phase.DATA})
 
 # OSError covers TimeoutError, ssl.SSLError and ConnectionError; ValueError is what aiosmtplib
 # raises for an address it will not put on a command line.
@@ -472,7 +473,17 @@ async def _greet(smtp: aiosmtplib.SMTP, reply_timeout: float) -> None:
 def _failure(exc: Exception, progress: _Progress, started: float) -> _Attempt:
     phase = progress.phase
     duration = _elapsed(started)
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
+    if _out_of_step(exc, phase):
+        # A 2xx or 3xx where a refusal was raised (a DATA answered 250, a reply paired
+        # with the wrong command): no verdict on the message, and never "delivered".
+        assert isinstance(exc, aiosmtplib.SMTPResponseException)
+        result = DeliveryResult.deferred(
+            f"unexpected reply to {phase.value}: {exc.code} {exc.message}",
+            host=progress.host,
+            duration=duration,
+            tls=progress.tls,
+        )
+    elif isinstance(exc, aiosmtplib.SMTPResponseException):
         result = _reply_result(exc.code, exc.message, progress, duration)
     elif isinstance(exc, ValueError) and not isinstance(exc, OSError):
         # (ssl.SSLCertVerificationError is both, and is no verdict on the address.)
@@ -496,6 +507,14 @@ def _failure(exc: Exception, progress: _Progress, started: float) -> _Attempt:
         and not isinstance(exc, aiosmtplib.SMTPResponseException)
     )
     return _Attempt(result, phase, host_unreachable=unreachable)
+
+
+def _out_of_step(exc: Exception, phase: _Phase) -> bool:
+    return (
+        isinstance(exc, aiosmtplib.SMTPResponseException)
+        and phase in _ENVELOPE_PHASES
+        and 200 <= exc.code < 400
+    )
 
 
 def _reply_result(code: int, text: str, progress: _Progress, duration: float) -> DeliveryResult:
@@ -586,8 +605,9 @@ async def _transact(
     body = _wire_body(envelope.data)
     encoding = "utf-8" if smtputf8 else "ascii"
     if conn.pipelining:
+        options = _mail_options(smtp, body, smtputf8)
         return await _transact_pipelined(
-            conn, envelope, body, _mail_options(smtp, body, smtputf8), encoding, progress, timeouts
+            conn, envelope, (body, options, encoding), progress, timeouts, started
         )
     await smtp.mail(
         envelope.mail_from,
@@ -605,15 +625,14 @@ async def _transact(
 async def _transact_pipelined(
     conn: _Connection,
     envelope: Envelope,
-    body: bytes,
-    options: list[str],
-    encoding: str,
+    wire: tuple[bytes, list[str], str],  # the body, MAIL's options, the address encoding
     progress: _Progress,
     timeouts: SmtpTimeouts,
+    started: float,
 ) -> DeliveryResult:
     """RFC 2920: [RSET,] MAIL, RCPT and DATA in one write, their replies read in order;
     then the message and its reply. Refusals raise what one command at a time raises."""
-    started = time.monotonic()
+    body, options, encoding = wire
     rset = not conn.clean
     mail = f"MAIL FROM:<{envelope.mail_from}>{''.join(' ' + o for o in options)}\r\n"
     rcpt = f"RCPT TO:<{envelope.rcpt_to}>\r\n"
@@ -635,15 +654,17 @@ async def _transact_pipelined(
 async def _opening_reply(
     conn: _Connection, replies: PipelinedReplies, within: float
 ) -> aiosmtplib.SMTPResponse:
-    """The first reply on a session taken from the idle list. None, or 421, means the
-    server had closed the session meanwhile: nothing of this message reached it."""
+    """The first reply on a session taken from the idle list. None, or a 4xx, means the
+    server had given up on the session meanwhile: nothing of this message reached it."""
     try:
         reply = await replies.next(within)
-    except aiosmtplib.SMTPServerDisconnected as exc:
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPReadTimeoutError) as exc:
         if conn.reused:
             raise _StaleConnection("closed by the server while idle") from exc
         raise
-    if conn.reused and reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+    # 421, or another 4xx such as Exchange's "451 4.7.0 Timeout waiting for client
+    # input": as the RSET that used to test each idle session, try a new one.
+    if conn.reused and 400 <= reply.code < 500:
         raise _StaleConnection(f"{reply.code} {reply.message}")
     return reply
 
