@@ -34,8 +34,12 @@ log = logs.get("sendkit.signing")
 # A batch this big takes a signing process ~25 ms: small enough that a message never
 # waits long behind others, big enough that the pipe's cost per message is small.
 _BATCH_MAX = 64
+_BATCH_BYTES = 8 * 1024 * 1024
 _STOP_SECONDS = 5.0
 _MAX_PAUSE_SECONDS = 60.0
+# A batch takes a signing process milliseconds (even niced under load, well under a
+# second): one silent this long is stopped or wedged.
+_ANSWER_SECONDS = 30.0
 
 _Request = tuple[bytes, dkim.DkimKey, int]
 
@@ -86,16 +90,47 @@ class _Child:
     """One signing process (`sendkit.signing_child`) and the batches it has been sent,
     whose results come back in the same order."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, answer_within: float) -> None:
         self.process = process
+        self.answer_within = answer_within
         self.sent: collections.deque[list[_Pending]] = collections.deque()
         self.answered = False
+        self.broken = False
+
+    @property
+    def usable(self) -> bool:
+        stdin = self.process.stdin
+        return (
+            not self.broken
+            and self.process.returncode is None
+            and stdin is not None
+            and not stdin.is_closing()
+        )
 
     def send(self, batch: list[_Pending]) -> None:
-        stdin = self.process.stdin
-        assert stdin is not None
-        stdin.write(signing_child.frame([item.request for item in batch]))
+        # Counted as sent first: should the write fail, the reader signs the batch
+        # elsewhere with the others this process had.
         self.sent.append(batch)
+        try:
+            stdin = self.process.stdin
+            assert stdin is not None
+            stdin.write(signing_child.frame([item.request for item in batch]))
+        except Exception:  # it exited meanwhile (uvloop closes the pipe at once)
+            log.warning("signing_process_write_failed", exc_info=True)
+            self.abandon()
+            return
+        asyncio.get_running_loop().call_later(self.answer_within, self._overdue, batch)
+
+    def _overdue(self, batch: list[_Pending]) -> None:
+        if any(sent is batch for sent in self.sent):
+            log.warning("signing_process_silent", pid=self.process.pid)
+            self.abandon()
+
+    def abandon(self) -> None:
+        """No more work for it: killed, its reader sees the end and cleans up."""
+        self.broken = True
+        if self.process.returncode is None:
+            self.process.kill()
 
     async def results(self) -> list[bytes | ValueError]:
         stdout = self.process.stdout
@@ -116,10 +151,11 @@ class ProcessSigner:
     """`processes` signing processes fed in batches, at most two out at each at once so
     that it always has its next batch.
 
-    A process that dies (killed, out of memory) costs no signature: the batches it had
-    are signed in this process's threads, and a new process takes its place. Processes
-    that end before answering anything (cannot start) are tried again after a growing
-    pause, up to a minute; meanwhile this process's threads sign.
+    A process that dies (killed, out of memory), answers out of step or stays silent
+    for `answer_within` seconds costs no signature: the batches it had are signed in
+    this process's threads, and a new process takes its place. Processes that end
+    before answering anything (cannot start) are tried again after a growing pause, up
+    to a minute; meanwhile this process's threads sign.
     """
 
     def __init__(
@@ -128,6 +164,7 @@ class ProcessSigner:
         *,
         niceness: int = 0,
         command: tuple[str, ...] = (sys.executable, "-P", "-m", "sendkit.signing_child"),
+        answer_within: float = _ANSWER_SECONDS,
     ) -> None:
         if processes < 1:
             raise ValueError("a process signer needs at least one process")
@@ -135,6 +172,7 @@ class ProcessSigner:
         self.started = 0  # processes started so far
         self._niceness = niceness
         self._command = command
+        self._answer_within = answer_within
         self._children: list[_Child] = []
         self._starting = 0
         self._failures = 0  # processes in a row that ended without answering
@@ -175,14 +213,17 @@ class ProcessSigner:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )
-        except OSError:
-            log.exception("signing_process_not_started")
+        except BaseException as exc:
             self._starting -= 1
+            if not isinstance(exc, Exception):
+                raise
+            # No process to be had (no fork, no thread for the child watcher).
+            log.exception("signing_process_not_started")
             self._pause_after_failure()
-            self._send_batches()
+            self._send_batches()  # to threads, if no other process is left
             return
         self._starting -= 1
-        child = _Child(process)
+        child = _Child(process, self._answer_within)
         if self._closed:
             await self._stop(child)
             return
@@ -201,45 +242,62 @@ class ProcessSigner:
 
     def _send_batches(self) -> None:
         for child in self._children:
-            while self._waiting and len(child.sent) < 2:
+            while self._waiting and len(child.sent) < 2 and child.usable:
                 child.send(self._take_waiting(self._batch_size()))
-        if self._waiting and not self._children and not self._starting:
+        usable = any(child.usable for child in self._children)
+        if self._waiting and not usable and not self._starting:
             self._sign_here(self._take_waiting())  # no process to be had for now
 
     def _batch_size(self) -> int:
         # Spread what waits over the free places, so that no process idles.
-        free = sum(2 - len(child.sent) for child in self._children) or 1
+        free = sum(2 - len(child.sent) for child in self._children if child.usable) or 1
         return min(_BATCH_MAX, -(-len(self._waiting) // free))
 
     def _take_waiting(self, size: int | None = None) -> list[_Pending]:
         size = len(self._waiting) if size is None else size
+        # Bounded in bytes too: large messages go a few at a time (at least one).
+        total = 0
+        for index, item in enumerate(self._waiting[:size]):
+            total += len(item.request[0])
+            if total > _BATCH_BYTES and index > 0:
+                size = index
+                break
         batch, self._waiting = self._waiting[:size], self._waiting[size:]
         return batch
 
     async def _read(self, child: _Child) -> None:
+        try:
+            await self._read_answers(child)
+        finally:
+            # Ended, given up, out of step or silent past its time: what the process
+            # still had is signed here, and another takes its place.
+            self._children.remove(child)
+            lost = [item for batch in child.sent for item in batch]
+            child.sent.clear()
+            await child.end()
+            self._after_loss(child, lost)
+
+    async def _read_answers(self, child: _Child) -> None:
         while True:
             try:
                 results = await child.results()
-            except Exception:  # the end of its output, or output we cannot read
-                break
+            except Exception:  # the end of its output (ended, stopped, killed), garbage
+                return
             if not child.sent or len(results) != len(child.sent[0]):
-                break  # out of step: not to be trusted with more
+                return  # out of step: not to be trusted with more
             child.answered = True
+            self._failures = 0
             _settle(child.sent.popleft(), results)
             self._send_batches()
-        # What the process still had is signed here, and another takes its place.
-        self._children.remove(child)
-        lost = [item for batch in child.sent for item in batch]
-        child.sent.clear()
-        await child.end()
+
+    def _after_loss(self, child: _Child, lost: list[_Pending]) -> None:
         if self._closed:
             _fail(lost, RuntimeError("the signer is closed"))
             return
-        log.warning("signing_process_lost", exit_code=child.process.returncode, messages=len(lost))
-        if child.answered:
-            self._failures = 0
-        else:
-            self._pause_after_failure()
+        code = child.process.returncode
+        log.warning("signing_process_lost", exit_code=code, messages=len(lost))
+        if not child.answered:
+            self._pause_after_failure()  # not one process after another
         self._sign_here(lost)
         self.start()
         self._send_batches()
@@ -263,6 +321,8 @@ class ProcessSigner:
             )
         except BaseException as exc:  # cancelled with the loop: each caller hears it
             _fail(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         _settle(batch, results)
 
@@ -271,11 +331,14 @@ class ProcessSigner:
         self._closed = True
         _fail(self._take_waiting(), RuntimeError("the signer is closed"))
         await asyncio.gather(*(self._stop(child) for child in list(self._children)))
+        if self._tasks:  # readers finishing, a process that was still starting
+            await asyncio.wait(set(self._tasks), timeout=_STOP_SECONDS)
 
     async def _stop(self, child: _Child) -> None:
         stdin = child.process.stdin
         if stdin is not None:
             stdin.close()  # the process ends at the end of its input
+        child.broken = True
         try:
             await asyncio.wait_for(child.process.wait(), _STOP_SECONDS)
         except TimeoutError:

@@ -189,3 +189,96 @@ async def test_a_process_out_of_step_is_replaced_and_its_batch_signed_here(
         assert headers == [sign(_message(n), key, NOW) for n in range(5)]
     finally:
         await odd.close()
+
+
+# Answers its first batch, then exits: on uvloop the pipe to it closes at once, and a
+# batch written after that must still be signed.
+_ONE_BATCH = """
+import sys
+from sendkit import signing_child as c
+header = sys.stdin.buffer.read(c.HEADER_SIZE)
+body = sys.stdin.buffer.read(c.frame_length(header))
+import pickle
+sys.stdout.buffer.write(c.frame(c.sign_batch(pickle.loads(body))))
+sys.stdout.buffer.flush()
+"""
+
+
+def test_a_process_that_exits_under_load_loses_nothing_on_uvloop(key: DkimKey) -> None:
+    import uvloop
+
+    async def main() -> None:
+        short = signing.ProcessSigner(1, command=(sys.executable, "-c", _ONE_BATCH))
+        short.start()
+        try:
+            messages = [_message(n) for n in range(200)]
+            signed = await asyncio.wait_for(
+                asyncio.gather(*(short.sign(m, key, NOW) for m in messages)), 20
+            )
+            assert signed == [sign(m, key, NOW) for m in messages]
+            later = await asyncio.wait_for(short.sign(_message(1), key, NOW), 10)
+            assert later == sign(_message(1), key, NOW)
+        finally:
+            await short.close()
+
+    uvloop.run(main())
+
+
+async def test_a_process_that_starts_after_failing_is_used(key: DkimKey, tmp_path: Path) -> None:
+    """Two failed starts (pauses of 0.5 s and 1 s, threads signing meanwhile), then a
+    process that works: it is used."""
+    counter = tmp_path / "starts"
+    script = (
+        f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; "
+        f'[ "$n" -ge 2 ] && exec {sys.executable} -P -m sendkit.signing_child "$@"; exit 1'
+    )
+    flaky = signing.ProcessSigner(1, command=("sh", "-c", script, "sh"))
+    flaky.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any(child.answered for child in flaky._children):
+            assert asyncio.get_running_loop().time() < deadline, "never started again"
+            header = await asyncio.wait_for(flaky.sign(_message(0), key, NOW), 5)
+            assert header == sign(_message(0), key, NOW)
+            await asyncio.sleep(0.1)
+        assert flaky.started == 3
+        assert await flaky.sign(_message(1), key, NOW) == sign(_message(1), key, NOW)
+    finally:
+        await flaky.close()
+
+
+async def test_a_silent_process_is_replaced(key: DkimKey) -> None:
+    quiet = signing.ProcessSigner(1, answer_within=0.5)
+    quiet.start()
+    try:
+        await quiet.sign(_message(0), key, NOW)
+        (pid,) = quiet.pids
+        os.kill(pid, signal.SIGSTOP)
+        signed = await asyncio.wait_for(
+            asyncio.gather(*(quiet.sign(_message(n), key, NOW) for n in range(5))), 10
+        )
+        assert signed == [sign(_message(n), key, NOW) for n in range(5)]
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        await asyncio.wait_for(quiet.sign(_message(9), key, NOW), 10)
+        assert quiet.pids and quiet.pids != [pid]
+    finally:
+        await quiet.close()
+
+
+async def test_no_process_to_be_had_still_signs(
+    key: DkimKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def cannot(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(signing.asyncio, "create_subprocess_exec", cannot)
+    none = signing.ProcessSigner(1)
+    none.start()
+    try:
+        signed = await asyncio.wait_for(
+            asyncio.gather(*(none.sign(_message(n), key, NOW) for n in range(3))), 10
+        )
+        assert signed == [sign(_message(n), key, NOW) for n in range(3)]
+    finally:
+        await none.close()
