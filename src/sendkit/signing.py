@@ -94,6 +94,9 @@ class _Child:
         self.process = process
         self.answer_within = answer_within
         self.sent: collections.deque[list[_Pending]] = collections.deque()
+        # Each sent batch's deadline; cancelled when it is answered (a pending timer
+        # would hold the batch's messages for `answer_within` seconds).
+        self._deadlines: collections.deque[asyncio.TimerHandle] = collections.deque()
         self.answered = False
         self.broken = False
 
@@ -119,16 +122,24 @@ class _Child:
             log.warning("signing_process_write_failed", exc_info=True)
             self.abandon()
             return
-        asyncio.get_running_loop().call_later(self.answer_within, self._overdue, batch)
+        loop = asyncio.get_running_loop()
+        self._deadlines.append(loop.call_later(self.answer_within, self._overdue))
 
-    def _overdue(self, batch: list[_Pending]) -> None:
-        if any(sent is batch for sent in self.sent):
-            log.warning("signing_process_silent", pid=self.process.pid)
-            self.abandon()
+    def answered_one(self) -> list[_Pending]:
+        """The oldest batch, now answered."""
+        if self._deadlines:
+            self._deadlines.popleft().cancel()
+        return self.sent.popleft()
+
+    def _overdue(self) -> None:
+        log.warning("signing_process_silent", pid=self.process.pid)
+        self.abandon()
 
     def abandon(self) -> None:
         """No more work for it: killed, its reader sees the end and cleans up."""
         self.broken = True
+        while self._deadlines:
+            self._deadlines.popleft().cancel()
         if self.process.returncode is None:
             self.process.kill()
 
@@ -287,7 +298,7 @@ class ProcessSigner:
                 return  # out of step: not to be trusted with more
             child.answered = True
             self._failures = 0
-            _settle(child.sent.popleft(), results)
+            _settle(child.answered_one(), results)
             self._send_batches()
 
     def _after_loss(self, child: _Child, lost: list[_Pending]) -> None:
