@@ -17,11 +17,12 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
-from sendkit import accounts, dkim, logs, signing
+from sendkit import accounts, dkim, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.runner import run_process
 from sendkit.migrate import migrate
+from sendkit.signing_child import end_with_parent
 from sendkit.web.app import create_app
 
 log = logs.get("sendkit.serve")
@@ -123,7 +124,7 @@ def _deliver(settings_json: str, parent: int) -> None:
     # The parent ignores SIGTERM while it stops its children; a child started meanwhile
     # must still hear it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signing.end_with_parent(parent)
+    end_with_parent(parent)
     # Its own process group: a terminal's Ctrl-C reaches `serve` alone, which stops the
     # API first and then asks this process (SIGTERM) to finish what it has in flight.
     os.setpgid(0, 0)

@@ -25,9 +25,8 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from sendkit import dkim, logs, signing_child
-from sendkit.signing_child import end_with_parent
 
-__all__ = ["ProcessSigner", "Signer", "ThreadSigner", "end_with_parent", "start"]
+__all__ = ["ProcessSigner", "Signer", "ThreadSigner", "start"]
 
 log = logs.get("sendkit.signing")
 
@@ -94,9 +93,8 @@ class _Child:
         self.process = process
         self.answer_within = answer_within
         self.sent: collections.deque[list[_Pending]] = collections.deque()
-        # Each sent batch's deadline; cancelled when it is answered (a pending timer
-        # would hold the batch's messages for `answer_within` seconds).
-        self._deadlines: collections.deque[asyncio.TimerHandle] = collections.deque()
+        # Armed while batches are out: silence this long with work to do ends the process.
+        self._deadline: asyncio.TimerHandle | None = None
         self.answered = False
         self.broken = False
 
@@ -122,24 +120,35 @@ class _Child:
             log.warning("signing_process_write_failed", exc_info=True)
             self.abandon()
             return
-        loop = asyncio.get_running_loop()
-        self._deadlines.append(loop.call_later(self.answer_within, self._overdue))
+        if self._deadline is None:
+            self._arm()
 
     def answered_one(self) -> list[_Pending]:
-        """The oldest batch, now answered."""
-        if self._deadlines:
-            self._deadlines.popleft().cancel()
-        return self.sent.popleft()
+        """The oldest batch, now answered: the silence is counted afresh."""
+        self._disarm()
+        batch = self.sent.popleft()
+        if self.sent:
+            self._arm()
+        return batch
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.answer_within, self._overdue)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def _overdue(self) -> None:
+        self._deadline = None
         log.warning("signing_process_silent", pid=self.process.pid)
         self.abandon()
 
     def abandon(self) -> None:
         """No more work for it: killed, its reader sees the end and cleans up."""
         self.broken = True
-        while self._deadlines:
-            self._deadlines.popleft().cancel()
+        self._disarm()
         if self.process.returncode is None:
             self.process.kill()
 
@@ -163,10 +172,10 @@ class ProcessSigner:
     that it always has its next batch.
 
     A process that dies (killed, out of memory), answers out of step or stays silent
-    for `answer_within` seconds costs no signature: the batches it had are signed in
-    this process's threads, and a new process takes its place. Processes that end
-    before answering anything (cannot start) are tried again after a growing pause, up
-    to a minute; meanwhile this process's threads sign.
+    for `answer_within` seconds with batches out costs no signature: the batches it had
+    are signed in this process's threads, and a new process takes its place. Processes
+    that end before answering anything (cannot start) are tried again after a growing
+    pause, up to a minute; meanwhile this process's threads sign.
     """
 
     def __init__(

@@ -35,8 +35,7 @@ class RunningWorkers:
         tasks = [self.task] + ([self.webhooks[1]] if self.webhooks else [])
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.worker.transport.close()
-        # Before the process ends: a delivery process is a multiprocessing child, whose
-        # exit joins its children before the pool's own exit hook could stop them.
+        # The signing processes stop with the workers that started them.
         await self.worker.signer.close()
         if self.webhooks is not None:
             await self.webhooks[0].close()

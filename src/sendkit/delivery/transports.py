@@ -473,10 +473,9 @@ async def _greet(smtp: aiosmtplib.SMTP, reply_timeout: float) -> None:
 def _failure(exc: Exception, progress: _Progress, started: float) -> _Attempt:
     phase = progress.phase
     duration = _elapsed(started)
-    if _out_of_step(exc, phase):
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and _out_of_step(exc.code, phase):
         # A 2xx or 3xx where a refusal was raised (a DATA answered 250, a reply paired
         # with the wrong command): no verdict on the message, and never "delivered".
-        assert isinstance(exc, aiosmtplib.SMTPResponseException)
         result = DeliveryResult.deferred(
             f"unexpected reply to {phase.value}: {exc.code} {exc.message}",
             host=progress.host,
@@ -509,12 +508,8 @@ def _failure(exc: Exception, progress: _Progress, started: float) -> _Attempt:
     return _Attempt(result, phase, host_unreachable=unreachable)
 
 
-def _out_of_step(exc: Exception, phase: _Phase) -> bool:
-    return (
-        isinstance(exc, aiosmtplib.SMTPResponseException)
-        and phase in _ENVELOPE_PHASES
-        and 200 <= exc.code < 400
-    )
+def _out_of_step(code: int, phase: _Phase) -> bool:
+    return phase in _ENVELOPE_PHASES and 200 <= code < 400
 
 
 def _reply_result(code: int, text: str, progress: _Progress, duration: float) -> DeliveryResult:
@@ -604,14 +599,14 @@ async def _transact(
         )
     body = _wire_body(envelope.data)
     encoding = "utf-8" if smtputf8 else "ascii"
+    options = _mail_options(smtp, body, smtputf8)
     if conn.pipelining:
-        options = _mail_options(smtp, body, smtputf8)
         return await _transact_pipelined(
             conn, envelope, (body, options, encoding), progress, timeouts, started
         )
     await smtp.mail(
         envelope.mail_from,
-        options=_mail_options(smtp, body, smtputf8),
+        options=options,
         encoding=encoding,
         timeout=timeouts.mail,
     )
@@ -687,8 +682,12 @@ async def _envelope_replies(
     """The replies to MAIL, RCPT and DATA; the first refusal among them is raised once
     the session is back in step (a session that cannot be is closed)."""
     refusal: aiosmtplib.SMTPResponseException | None = None
-    steps = ((_Phase.MAIL, timeouts.mail), (_Phase.RCPT, timeouts.rcpt))
-    for phase, timeout in (*steps, (_Phase.DATA, timeouts.data_init)):
+    steps = (
+        (_Phase.MAIL, timeouts.mail),
+        (_Phase.RCPT, timeouts.rcpt),
+        (_Phase.DATA, timeouts.data_init),
+    )
+    for phase, timeout in steps:
         if refusal is None:
             progress.phase = phase
         try:

@@ -353,8 +353,8 @@ class Worker:
         key = await self._signing_key(message.account_id, _domain_of(message.from_addr))
         if key is None:
             return data
-        # In the signing processes beside this one (`signing`): off the event loop and
-        # off its GIL.
+        # Where the signer signs: by default a process beside this one, off the event
+        # loop and its GIL (`signing`).
         header = await self.signer.sign(data, key, int(time.time()))
         return header + data
 
