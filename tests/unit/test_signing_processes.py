@@ -284,3 +284,21 @@ async def test_answered_batches_are_let_go(signer: signing.ProcessSigner, key: D
     await asyncio.gather(*(signer.sign(_message(n), key, NOW) for n in range(50)))
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, signing._Pending)]
+
+
+async def test_batches_are_bounded_in_bytes(signer: signing.ProcessSigner, key: DkimKey) -> None:
+    """Large messages go a few at a time (at most 8 MB a batch, at least one message)."""
+    await signer.sign(_message(0), key, NOW)  # started
+    (child,) = signer._children
+    sizes: list[int] = []
+    real = child.send
+
+    def measured(batch: list[signing._Pending]) -> None:
+        sizes.append(sum(len(item.request[0]) for item in batch))
+        real(batch)
+
+    child.send = measured  # type: ignore[method-assign]
+    big = [_message(n) + b"x" * (5 * 1024 * 1024) + b"\r\n" for n in range(4)]
+    signed = await asyncio.wait_for(asyncio.gather(*(signer.sign(m, key, NOW) for m in big)), 30)
+    assert signed == [sign(m, key, NOW) for m in big]
+    assert len(sizes) == 4 and max(sizes) < 8 * 1024 * 1024
