@@ -18,6 +18,11 @@ from pathlib import Path
 
 from sendkit.errors import ServiceUnavailable
 
+# `WriterLock.hold`'s polling (seconds)
+_FIRST_PAUSE = 0.00005
+_SHORT_WAIT, _SHORT_WAIT_PAUSE = 0.01, 0.0001
+_LONG_WAIT_PAUSE = 0.001
+
 
 class WriterLock:
     """Held by at most one transaction of one process at a time; callers in one process
@@ -87,20 +92,25 @@ class WriterLock:
         """Take the lock from the calling thread (the SQLite writer thread: no thread
         started and no event-loop round trip per hand-off); False if it stayed taken for
         `timeout` seconds. A thread blocked in flock cannot be woken early, and one stuck
-        there would hold up every later write of its process, so this polls: 50 µs
-        between tries at first, doubling up to 1 ms."""
+        there would hold up every later write of its process, so this polls: every
+        50-100 µs for the first 10 ms (the usual wait, for another process's one
+        transaction: a longer pause is added to every group's latency), then backing
+        off to 1 ms."""
         fd = self._descriptor()
-        deadline = time.monotonic() + timeout
-        pause = 0.00005
+        started = time.monotonic()
+        deadline = started + timeout
+        pause = _FIRST_PAUSE
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     return False
             time.sleep(pause)
-            pause = min(pause * 2, 0.001)
+            cap = _SHORT_WAIT_PAUSE if now - started < _SHORT_WAIT else _LONG_WAIT_PAUSE
+            pause = min(pause * 2, cap)
 
     def _start_wait(self, fd: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

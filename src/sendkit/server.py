@@ -24,6 +24,7 @@ from sendkit.delivery.runner import run_process
 from sendkit.migrate import migrate
 from sendkit.signing_child import end_with_parent
 from sendkit.web.app import create_app
+from sendkit.web.protocol import SendKitProtocol
 
 log = logs.get("sendkit.serve")
 
@@ -105,6 +106,7 @@ def _serve_web(settings: Settings) -> None:
         "access_log": False,
         "log_config": None,
         "server_header": False,
+        "http": SendKitProtocol,
     }
     if settings.web_processes == 1:
         uvicorn.Server(uvicorn.Config(create_app(settings), **options)).run()

@@ -49,9 +49,18 @@ class RequestContext:
         """Whether this is one of the direct routes."""
         return (scope["method"], scope["path"]) in self._direct
 
+    def route(self, method: str, path: str) -> tuple[BaseRoute, Handler] | None:
+        """The direct route for this method and path, if it is one."""
+        return self._direct.get((method, path))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        direct = self._direct.get((scope["method"], scope["path"]))
+        if direct is not None:
+            response = await self.respond(direct, scope, receive)
+            await response(scope, receive, send)
             return
         request_id = ids.request_id()
         state = scope.setdefault("state", {})
@@ -64,55 +73,90 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                for name, value in state["extra_headers"].items():
-                    headers.append((name.lower().encode(), value.encode()))
+                headers.extend(_added_headers(request_id, state["extra_headers"]))
                 message = {**message, "headers": headers}
             await send(message)
 
         bound = logs.bind_request(request_id)
         try:
-            direct = self._direct.get((scope["method"], scope["path"]))
-            if direct is None:
-                await self.app(scope, receive, send_with_headers)
-            else:
-                await self._call_direct(direct, scope, receive, send_with_headers)
+            await self.app(scope, receive, send_with_headers)
         except Exception:
             log.exception("unhandled_error", method=scope["method"], path=scope["path"])
             if not status["sent"]:
-                err = SendKitError()
-                response = envelope.error(request_id, err.status, err.code, err.message)
+                response = _last_resort(request_id)
                 await response(scope, receive, send_with_headers)
         finally:
             # Also for a request cancelled midway (the client went away): counted, logged.
-            seconds = time.perf_counter() - started
-            observe_request(scope, status["code"], seconds)
-            logs.info(
-                log,
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status["code"],
-                duration_ms=round(seconds * 1000, 2),
-            )
-            logs.unbind_request(bound)
+            _finish(scope, status["code"], started, bound)
+
+    async def respond(
+        self, direct: tuple[BaseRoute, Handler], scope: Scope, receive: Receive
+    ) -> Response:
+        """A direct route's whole response, its request id and extra headers included,
+        counted and logged: the caller only writes it out (as ASGI messages here, or
+        straight onto the connection: `web.protocol`). The body is read through
+        `receive` by the handler itself, after its checks, as on any other route."""
+        request_id = ids.request_id()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        extra: dict[str, str] = {}
+        state["extra_headers"] = extra
+        started = time.perf_counter()
+        code = 500
+        bound = logs.bind_request(request_id)
+        try:
+            try:
+                response = await self._call_direct(direct, scope, receive)
+            except Exception:
+                log.exception("unhandled_error", method=scope["method"], path=scope["path"])
+                response = _last_resort(request_id)
+            response.raw_headers.extend(_added_headers(request_id, extra))
+            code = response.status_code
+            return response
+        finally:
+            _finish(scope, code, started, bound)
 
     async def _call_direct(
-        self, direct: tuple[BaseRoute, Handler], scope: Scope, receive: Receive, send: Send
-    ) -> None:
+        self, direct: tuple[BaseRoute, Handler], scope: Scope, receive: Receive
+    ) -> Response:
         route, handler = direct
         scope["route"] = route  # what the router would have set (metrics by template)
         request = Request(scope, receive)
         try:
-            response = await handler(request)
+            return await handler(request)
         except Exception as exc:
             # The app's own handlers, as its exception middleware would pick them (by the
             # exception's classes, most specific first); none: the last-resort 500.
             on_error = _handler_for(scope["app"].exception_handlers, exc)
             if on_error is None:
                 raise
-            response = await on_error(request, exc)
-        await response(scope, receive, send)
+            response: Response = await on_error(request, exc)
+            return response
+
+
+def _added_headers(request_id: str, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    added = [(b"x-request-id", request_id.encode())]
+    added.extend((name.lower().encode(), value.encode()) for name, value in extra.items())
+    return added
+
+
+def _last_resort(request_id: str) -> Response:
+    err = SendKitError()
+    return envelope.error(request_id, err.status, err.code, err.message)
+
+
+def _finish(scope: Scope, code: int, started: float, bound: Any) -> None:
+    seconds = time.perf_counter() - started
+    observe_request(scope, code, seconds)
+    logs.info(
+        log,
+        "request",
+        method=scope["method"],
+        path=scope["path"],
+        status=code,
+        duration_ms=round(seconds * 1000, 2),
+    )
+    logs.unbind_request(bound)
 
 
 def _handler_for(handlers: Mapping[Any, Any], exc: Exception) -> Any:
