@@ -88,6 +88,14 @@ class WriterLock:
             return False
         return True
 
+    def try_hold(self) -> bool:
+        """Take the lock if it is free this moment, from any thread, without waiting."""
+        try:
+            fcntl.flock(self._descriptor(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
     def hold(self, timeout: float) -> bool:
         """Take the lock from the calling thread (the SQLite writer thread: no thread
         started and no event-loop round trip per hand-off); False if it stayed taken for
@@ -96,21 +104,17 @@ class WriterLock:
         50-100 µs for the first 10 ms (the usual wait, for another process's one
         transaction: a longer pause is added to every group's latency), then backing
         off to 1 ms."""
-        fd = self._descriptor()
         started = time.monotonic()
         deadline = started + timeout
         pause = _FIRST_PAUSE
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                now = time.monotonic()
-                if now >= deadline:
-                    return False
+        while not self.try_hold():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
             time.sleep(pause)
             cap = _SHORT_WAIT_PAUSE if now - started < _SHORT_WAIT else _LONG_WAIT_PAUSE
             pause = min(pause * 2, cap)
+        return True
 
     def _start_wait(self, fd: int) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

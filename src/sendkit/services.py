@@ -45,7 +45,8 @@ class Services:
             await self.redis.aclose()
 
 
-def build(settings: Settings) -> Services:
+def build(settings: Settings, *, commit_in_loop: bool = False) -> Services:
+    """`commit_in_loop`: see `Database`; for the API of a process that does not deliver."""
     redis_client: Any = None
     guard: ReplayGuard = MemoryReplayGuard()
     if settings.redis_url:
@@ -59,6 +60,7 @@ def build(settings: Settings) -> Services:
             settings.db_url,
             lock_timeout=settings.db_lock_timeout,
             cache_seconds=settings.cache_seconds,
+            commit_in_loop=commit_in_loop,
         ),
         box=SecretBox(settings.resolved_secret_key()),
         limiter=RateLimiter(settings.redis_url, redis=redis_client),

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -215,8 +216,12 @@ async def test_groups_naming_accounts_in_any_order_do_not_deadlock(
         assert await messages.sent_today(services.db, account_id) == 60
 
 
-async def _probe_db(tmp_path: Path, lock_timeout: float) -> Database:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'locked.db'}", lock_timeout=lock_timeout)
+async def _probe_db(tmp_path: Path, lock_timeout: float, *, in_loop: bool = False) -> Database:
+    db = Database(
+        f"sqlite+aiosqlite:///{tmp_path / 'locked.db'}",
+        lock_timeout=lock_timeout,
+        commit_in_loop=in_loop,
+    )
     async with db.begin() as conn:
         await conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
     return db
@@ -243,13 +248,17 @@ async def _other_process_locks(tmp_path: Path) -> AsyncIterator[WriterLock]:
         other.close()
 
 
-async def test_the_writer_thread_waits_for_another_processes_file_lock(tmp_path: Path) -> None:
-    """The group's thread takes the lock between processes itself, as it is released."""
-    db = await _probe_db(tmp_path, lock_timeout=5)
+@pytest.mark.parametrize("in_loop", [False, True])
+async def test_the_writer_thread_waits_for_another_processes_file_lock(
+    tmp_path: Path, in_loop: bool
+) -> None:
+    """The group's thread takes the lock between processes itself, as it is released;
+    with commits on the loop too (the loop goes on meanwhile)."""
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=in_loop)
     try:
         async with _other_process_locks(tmp_path) as other:
             write = asyncio.ensure_future(db.write(_insert))
-            await asyncio.sleep(0.3)
+            assert await _ticks(0.3) > 10  # the loop was never held up meanwhile
             assert not write.done()
             released = time.monotonic()
             other.release()
@@ -260,10 +269,11 @@ async def test_the_writer_thread_waits_for_another_processes_file_lock(tmp_path:
         await db.dispose()
 
 
+@pytest.mark.parametrize("in_loop", [False, True])
 async def test_a_file_lock_held_past_the_timeout_answers_503_and_the_group_never_runs(
-    tmp_path: Path,
+    tmp_path: Path, in_loop: bool
 ) -> None:
-    db = await _probe_db(tmp_path, lock_timeout=0.3)
+    db = await _probe_db(tmp_path, lock_timeout=0.3, in_loop=in_loop)
     try:
         async with _other_process_locks(tmp_path) as other:
             for _ in range(2):  # each group waits its own timeout, no longer
@@ -326,12 +336,13 @@ async def test_a_lock_file_without_flock_falls_back_to_sqlites_own_locking(
         await db.dispose()
 
 
+@pytest.mark.parametrize("in_loop", [False, True])
 async def test_a_two_step_batch_reads_before_the_writer_lock_and_writes_under_it(
-    tmp_path: Path,
+    tmp_path: Path, in_loop: bool
 ) -> None:
     """ReadThenWrite: the lookups run while other processes can still write; the write
     runs with the lock between processes held."""
-    db = await _probe_db(tmp_path, lock_timeout=5)
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=in_loop)
     probe = WriterLock(tmp_path / "locked.db.writer-lock", 5)  # another process's view
     seen: dict[str, bool] = {}
 
@@ -357,4 +368,69 @@ async def test_a_two_step_batch_reads_before_the_writer_lock_and_writes_under_it
         assert await _stored(db) == [3]
     finally:
         probe.close()
+        await db.dispose()
+
+
+async def _ticks(seconds: float) -> int:
+    """How many 10 ms sleeps the event loop got through in `seconds`."""
+    count = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        count += 1
+    return count
+
+
+async def _where(db: Database) -> tuple[str, int]:
+    """The thread a group ran on, and its connection's synchronous setting."""
+    seen: list[tuple[str, int]] = []
+
+    async def probe(conn: AsyncConnection) -> None:
+        synchronous = int(await conn.scalar(sa.text("PRAGMA synchronous")) or 0)
+        seen.append((threading.current_thread().name, synchronous))
+        await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+
+    await db.write(probe)
+    return seen[0]
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+async def test_a_loop_that_only_serves_requests_commits_on_itself(
+    tmp_path: Path, in_loop: bool
+) -> None:
+    """`commit_in_loop`: with the writer lock free, the group runs on the loop's own
+    thread (no hop, no GIL taken in turns), still with synchronous=FULL."""
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=in_loop)
+    try:
+        name, synchronous = await _where(db)
+        assert synchronous == 2  # FULL
+        assert (name == threading.current_thread().name) is in_loop
+        assert name.startswith("sendkit-sqlite-writer") is not in_loop
+        assert await _stored(db) == [1]
+    finally:
+        await db.dispose()
+
+
+async def test_a_group_on_the_loop_never_waits_for_another_sqlite_writer(
+    tmp_path: Path,
+) -> None:
+    """A writer outside SendKit's lock (the sqlite3 shell, a backup tool) holding SQLite's
+    own write lock: the loop's connection does not wait for it (that would stop every
+    request); the group goes to the writer thread, which does, and nothing is lost."""
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=True)
+    other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t VALUES (7)")
+        write = asyncio.ensure_future(_where(db))
+        assert await _ticks(0.3) > 10
+        assert not write.done()
+        other.execute("COMMIT")
+        name, _ = await asyncio.wait_for(write, 5)
+        assert name.startswith("sendkit-sqlite-writer")
+        assert sorted(await _stored(db)) == [1, 7]
+        # The lock is free again: back on the loop.
+        assert (await _where(db))[0] == threading.current_thread().name
+    finally:
+        other.close()
         await db.dispose()

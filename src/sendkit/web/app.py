@@ -48,7 +48,12 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
-        app.state.services = services_mod.build(settings) if own else services
+        if own:
+            # A loop that only serves requests commits on itself; one that also delivers
+            # leaves commits to the writer thread (its SMTP sessions must not wait).
+            app.state.services = services_mod.build(settings, commit_in_loop=not settings.workers)
+        else:
+            app.state.services = services
         workers = None
         if settings.workers and own:
             # Imported here: the API alone (tests, `--no-workers`) never loads SMTP code.
