@@ -657,6 +657,7 @@ class _GroupWriter:
         # Made on the writer thread; disposed of from the loop's thread at the end.
         self.engine = _sync_sqlite_engine(sync_url, echo, busy_timeout=lock_timeout)
         self._loop_engine = _sync_sqlite_engine(sync_url, echo, busy_timeout=0) if in_loop else None
+        self._loop_resumes = 0.0  # time.monotonic() from which groups may run on the loop
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sendkit-sqlite-writer")
         self._checkpointer = _Checkpointer(sync_url.database or "", lock_timeout)
 
@@ -670,8 +671,12 @@ class _GroupWriter:
         released under a running transaction), hands back what was really committed,
         and the cancellation comes at the caller's next await."""
         looked_up: dict[Batch[Any], Any] | None = None
-        if self._loop_engine is not None:
-            looked_up, outcomes = self._run_in_loop(self._loop_engine, group, lock)
+        if self._loop_engine is not None and time.monotonic() >= self._loop_resumes:
+            started = time.monotonic()
+            try:
+                looked_up, outcomes = self._run_in_loop(self._loop_engine, group, lock)
+            finally:
+                self._time_on_loop(time.monotonic() - started)
             if outcomes is not None:
                 return outcomes
         loop = asyncio.get_running_loop()
@@ -689,6 +694,14 @@ class _GroupWriter:
             finally:
                 if task is not None:
                     task.cancel()
+
+    def _time_on_loop(self, seconds: float) -> None:
+        """A group that held the loop past its budget (a slow disk's fsync, an inline
+        checkpoint) sends the next ones to the thread for a while: every request of the
+        process waited meanwhile, not only the group's."""
+        if seconds > _LOOP_BUDGET:
+            self._loop_resumes = time.monotonic() + _LOOP_PAUSE
+            log.warning("sqlite_group_slow_on_loop", ms=round(seconds * 1000, 1))
 
     def _run_in_loop(
         self, engine: sa.Engine, group: list[_Write[Any]], lock: WriterLock | None
@@ -767,6 +780,12 @@ class _GroupWriter:
         self.engine.dispose()
         if self._loop_engine is not None:
             self._loop_engine.dispose()
+
+
+# A group on the event loop that takes longer than this (seconds) sends the groups of the
+# next `_LOOP_PAUSE` seconds to the writer thread.
+_LOOP_BUDGET = 0.025
+_LOOP_PAUSE = 10.0
 
 
 def _sync_sqlite_engine(url: sa.URL, echo: bool, *, busy_timeout: float) -> sa.Engine:

@@ -452,3 +452,29 @@ async def test_outcomes_wait_briefly_to_share_a_record_transaction(
         assert len(sizes) <= 12, sizes  # more without the wait (SQLite)
     finally:
         await services.close()
+
+
+async def test_outcomes_wait_only_while_another_message_is_still_being_sent(
+    tmp_path: Path, database_url: str
+) -> None:
+    services = build_services(tmp_path, database_url, workers=False)
+    try:
+        worker = Worker(services, make_transport(services.settings, services.db), concurrency=20)
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        finished.set_result(None)
+        sending: asyncio.Future[None] = loop.create_future()
+        worker._outcomes = [object()]  # type: ignore[list-item]
+        worker._inflight = {finished}  # type: ignore[arg-type]
+        assert not worker._worth_waiting()  # only the one whose outcome this is
+        worker._inflight = {finished, sending}  # type: ignore[arg-type]
+        assert worker._worth_waiting()
+        worker._outcomes = [object()] * 10  # type: ignore[list-item]
+        assert not worker._worth_waiting()  # half the slots' worth: record now
+        worker._outcomes = [object()]  # type: ignore[list-item]
+        worker._closing_at = 1.0
+        assert not worker._worth_waiting()  # stopping: never wait
+        sending.cancel()
+        await worker.transport.close()
+    finally:
+        await services.close()

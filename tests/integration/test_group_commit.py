@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import accounts, logs, messages
+from sendkit import db as db_module
 from sendkit.db import Database, ReadThenWrite
 from sendkit.errors import ServiceUnavailable
 from sendkit.filelock import WriterLock
@@ -433,4 +434,33 @@ async def test_a_group_on_the_loop_never_waits_for_another_sqlite_writer(
         assert (await _where(db))[0] == threading.current_thread().name
     finally:
         other.close()
+        await db.dispose()
+
+
+async def test_a_group_that_holds_the_loop_too_long_sends_the_next_ones_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk (here: a slow write function) must not hold every request of the
+    process for long: after a group over budget on the loop, groups go to the writer
+    thread for a while, then come back."""
+    monkeypatch.setattr(db_module, "_LOOP_PAUSE", 0.3)
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=True)
+    seen: list[str] = []
+
+    async def slow(conn: AsyncConnection) -> None:
+        seen.append(threading.current_thread().name)
+        time.sleep(0.05)  # longer than the loop's budget
+        await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+
+    try:
+        await db.write(slow)
+        await db.write(slow)
+        await asyncio.sleep(0.35)
+        await db.write(slow)
+        main = threading.current_thread().name
+        assert seen[0] == main
+        assert seen[1].startswith("sendkit-sqlite-writer")
+        assert seen[2] == main
+        assert await _stored(db) == [1, 1, 1]
+    finally:
         await db.dispose()

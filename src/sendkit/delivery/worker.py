@@ -458,10 +458,11 @@ class Worker:
     def _worth_waiting(self) -> bool:
         """Whether more outcomes are due soon enough to share the next record: a batch
         still below half the slots while messages are in flight, and no stop under way."""
+        # A task whose outcome is here may still be listed until its done callback runs.
         return (
             self._closing_at is None
-            and bool(self._inflight)
             and len(self._outcomes) < max(1, self.concurrency // 2)
+            and any(not task.done() for task in self._inflight)
         )
 
     async def _commit(self, batch: list[Outcome]) -> None:

@@ -5,6 +5,10 @@
 added an entry to maintain on every insert and, on PostgreSQL, on every status update
 (which changes indexed columns, so it is never a HOT update).
 
+Dropping an index is quick, but on PostgreSQL it takes the table's exclusive lock: it
+waits for the transactions running on `messages` (a few milliseconds each in SendKit)
+and holds up the ones that come after it meanwhile.
+
 Revision ID: 0006_messages_account_index
 Revises: 0005_contact_count
 """
