@@ -43,15 +43,20 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line; empty once it is gone (one just killed and reaped
+    between listing the children and reading this)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def serving_processes(server: LiveServer, count: int) -> set[int]:
     """The server's worker processes (uvicorn's parent also runs a resource tracker)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        found = {
-            pid
-            for pid in children(server.pid)
-            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-        }
+        found = {pid for pid in children(server.pid) if "spawn_main" in _cmdline(pid)}
         if len(found) >= count:
             return found
         time.sleep(0.2)
