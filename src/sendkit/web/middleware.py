@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import Token
 from typing import Any
 
 from starlette.requests import Request
@@ -47,7 +48,7 @@ class RequestContext:
 
     def serves(self, scope: Scope) -> bool:
         """Whether this is one of the direct routes."""
-        return (scope["method"], scope["path"]) in self._direct
+        return self.route(scope["method"], scope["path"]) is not None
 
     def route(self, method: str, path: str) -> tuple[BaseRoute, Handler] | None:
         """The direct route for this method and path, if it is one."""
@@ -57,27 +58,22 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        direct = self._direct.get((scope["method"], scope["path"]))
+        direct = self.route(scope["method"], scope["path"])
         if direct is not None:
             response = await self.respond(direct, scope, receive)
             await response(scope, receive, send)
             return
-        request_id = ids.request_id()
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["extra_headers"] = {}
-        started = time.perf_counter()
+        request_id, extra, started, bound = _begin(scope)
         status: dict[str, Any] = {"code": 500, "sent": False}
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 headers = list(message.get("headers", []))
-                headers.extend(_added_headers(request_id, state["extra_headers"]))
+                headers.extend(_added_headers(request_id, extra))
                 message = {**message, "headers": headers}
             await send(message)
 
-        bound = logs.bind_request(request_id)
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception:
@@ -96,14 +92,8 @@ class RequestContext:
         counted and logged: the caller only writes it out (as ASGI messages here, or
         straight onto the connection: `web.protocol`). The body is read through
         `receive` by the handler itself, after its checks, as on any other route."""
-        request_id = ids.request_id()
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        extra: dict[str, str] = {}
-        state["extra_headers"] = extra
-        started = time.perf_counter()
+        request_id, extra, started, bound = _begin(scope)
         code = 500
-        bound = logs.bind_request(request_id)
         try:
             try:
                 response = await self._call_direct(direct, scope, receive)
@@ -134,6 +124,17 @@ class RequestContext:
             return response
 
 
+def _begin(scope: Scope) -> tuple[str, dict[str, str], float, Token[str | None]]:
+    """A request's id (in its state and its log lines), the dict its handlers put extra
+    headers in, its start time, and the log binding `_finish` undoes."""
+    request_id = ids.request_id()
+    extra: dict[str, str] = {}
+    state = scope.setdefault("state", {})
+    state["request_id"] = request_id
+    state["extra_headers"] = extra
+    return request_id, extra, time.perf_counter(), logs.bind_request(request_id)
+
+
 def _added_headers(request_id: str, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
     added = [(b"x-request-id", request_id.encode())]
     added.extend((name.lower().encode(), value.encode()) for name, value in extra.items())
@@ -145,7 +146,7 @@ def _last_resort(request_id: str) -> Response:
     return envelope.error(request_id, err.status, err.code, err.message)
 
 
-def _finish(scope: Scope, code: int, started: float, bound: Any) -> None:
+def _finish(scope: Scope, code: int, started: float, bound: Token[str | None]) -> None:
     seconds = time.perf_counter() - started
     observe_request(scope, code, seconds)
     logs.info(

@@ -36,10 +36,11 @@ class SendKitProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._api = _sendkit_app(self.app)
+        self._front: RequestContext | None = getattr(self._api, "front", None)
+        self._fresh_context = bool(getattr(self.config, "reset_contextvars", False))
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        api = self._api
-        front: RequestContext | None = getattr(api, "front", None)
+        front = self._front
         # `app` is another one when uvicorn answers 503 (its concurrency limit).
         direct = None
         if front is not None and app is self.app:
@@ -47,9 +48,8 @@ class SendKitProtocol(HttpToolsProtocol):
         if front is None or direct is None:
             super()._start_asgi_task(cycle, app)
             return
-        cycle.scope["app"] = api  # type: ignore[typeddict-unknown-key]
-        fresh = getattr(self.config, "reset_contextvars", False)
-        context = contextvars.Context() if fresh else None
+        cycle.scope["app"] = self._api  # type: ignore[typeddict-unknown-key]
+        context = contextvars.Context() if self._fresh_context else None
         task = self.loop.create_task(_run_direct(cycle, front, direct), context=context)
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
