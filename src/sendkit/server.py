@@ -21,8 +21,8 @@ from sendkit import accounts, dkim, logs
 from sendkit import services as services_mod
 from sendkit.config import Settings
 from sendkit.delivery.runner import run_process
+from sendkit.framing import end_with_parent
 from sendkit.migrate import migrate
-from sendkit.signing_child import end_with_parent
 from sendkit.web.app import create_app
 from sendkit.web.protocol import SendKitProtocol
 

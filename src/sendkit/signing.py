@@ -24,7 +24,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from sendkit import dkim, logs, signing_child
+from sendkit import dkim, framing, logs, signing_child
 
 __all__ = ["ProcessSigner", "Signer", "ThreadSigner", "start"]
 
@@ -115,7 +115,7 @@ class _Child:
         try:
             stdin = self.process.stdin
             assert stdin is not None
-            stdin.write(signing_child.frame([item.request for item in batch]))
+            stdin.write(framing.frame([item.request for item in batch]))
         except Exception:  # it exited meanwhile (uvloop closes the pipe at once)
             log.warning("signing_process_write_failed", exc_info=True)
             self.abandon()
@@ -155,8 +155,8 @@ class _Child:
     async def results(self) -> list[bytes | ValueError]:
         stdout = self.process.stdout
         assert stdout is not None
-        header = await stdout.readexactly(signing_child.HEADER_SIZE)
-        body = await stdout.readexactly(signing_child.frame_length(header))
+        header = await stdout.readexactly(framing.HEADER_SIZE)
+        body = await stdout.readexactly(framing.frame_length(header))
         # Only our own signing process writes this pipe.
         results: list[bytes | ValueError] = pickle.loads(body)  # noqa: S301
         return results

@@ -4,6 +4,7 @@ rules stores, count the same, and keep what it committed before a broken line.""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import random
 from typing import Any
@@ -38,6 +39,31 @@ def _small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     # Many batches and transactions from a small file.
     monkeypatch.setattr(imports, "BATCH", 50)
     monkeypatch.setattr(imports, "GROUP", 3)
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The reading processes started, so a test can see that one was."""
+    processes: list[Any] = []
+    start = imports._ProcessSource.start
+
+    async def recorded(*args: Any) -> imports._ProcessSource:
+        source = await start(*args)
+        processes.append(source._process)
+        return source
+
+    monkeypatch.setattr(imports._ProcessSource, "start", recorded)
+    return processes
+
+
+@pytest.fixture(params=["thread", "process"])
+def reading(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, started: list[Any]
+) -> list[Any]:
+    """Read the file in a thread, or in a reading process (a large file's way) even when it
+    is small; the processes started."""
+    monkeypatch.setattr(imports, "_PROCESS_ROWS", 0 if request.param == "process" else 10**9)
+    return started
 
 
 def messy_rows(count: int) -> list[list[str]]:
@@ -88,7 +114,7 @@ async def stored(db: Database, pk: str) -> list[tuple[Any, ...]]:
 
 
 async def test_import_stores_what_saving_each_row_stores(
-    services: Services, tenant: Tenant
+    services: Services, tenant: Tenant, reading: list[Any]
 ) -> None:
     db = services.db
     rows = messy_rows(700)
@@ -131,9 +157,12 @@ async def test_import_stores_what_saving_each_row_stores(
         reference = await apps.resolve(conn, tenant.account_id, other.app_id)
     assert await stored(db, mine.pk) == await stored(db, reference.pk)
     assert mine.contact_count == reference.contact_count == created + 2
+    assert len(reading) == (imports._PROCESS_ROWS == 0)
 
 
-async def test_counts_follow_the_batches(services: Services, tenant: Tenant) -> None:
+async def test_counts_follow_the_batches(
+    services: Services, tenant: Tenant, reading: list[Any]
+) -> None:
     """An address repeated within a batch is created once; in a later batch (same
     transaction or not) it is an update, exactly as before batches were grouped."""
     lines = [[f"u{i}@example.org", "", f"F{i}"] + [""] * 7 for i in range(120)]
@@ -149,6 +178,95 @@ async def test_counts_follow_the_batches(services: Services, tenant: Tenant) -> 
     names = {c["emailAddress"]: c["firstName"] for c in listed["list"]}
     assert (names["u0@example.org"], names["u1@example.org"]) == ("Again", "Later")
     assert names["u2@example.org"] == "Latest"
+    assert len(reading) == (imports._PROCESS_ROWS == 0)
+    assert all(process.returncode == 0 for process in reading)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "created"),
+    [
+        (b"firstName\nJo\n", "needs an 'emailAddress' (or 'email') column", 0),
+        # Counting the rows reads this file by commas; the reader, by its semicolons, finds
+        # a quoted cell over the csv module's size limit after two and a half batches.
+        (
+            b"email;firstName\n"
+            + b"".join(b"user%d@example.org;U\n" % i for i in range(120))
+            + b'late@example.org;"'
+            + b"x\n" * 100_000,
+            "could not be read",
+            100,
+        ),
+    ],
+)
+async def test_a_bad_file_fails_with_its_reason_from_either_reader(
+    services: Services,
+    tenant: Tenant,
+    reading: list[Any],
+    text: bytes,
+    reason: str,
+    created: int,
+) -> None:
+    job = await run_import(services, tenant, tenant.app_id, text)
+    assert job.status == "failed" and reason in job.errors[0], job.errors
+    assert job.created_rows == created  # the batches read before the failure are kept
+    assert len(reading) == (imports._PROCESS_ROWS == 0)
+
+
+async def test_a_file_of_process_rows_is_read_in_a_process(
+    services: Services, tenant: Tenant, started: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imports, "_PROCESS_ROWS", 30)
+    for count, processes in ((29, 0), (30, 1)):
+        lines = [[f"n{count}.{i}@example.org"] + [""] * 9 for i in range(count)]
+        job = await run_import(services, tenant, tenant.app_id, csv_text(lines).encode())
+        assert (job.status, job.created_rows) == ("done", count)
+        assert len(started) == processes
+    assert started[0].returncode == 0  # it ended by itself at the end of the file
+
+
+async def test_a_reading_process_that_dies_fails_the_job(
+    services: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imports, "_PROCESS_ROWS", 0)
+    start = imports._ProcessSource.start
+
+    async def killed(*args: Any) -> imports._ProcessSource:
+        source = await start(*args)
+        source._process.kill()
+        return source
+
+    monkeypatch.setattr(imports._ProcessSource, "start", killed)
+    path = imports.upload_path(services.settings.data_dir)
+    path.write_bytes(csv_text(messy_rows(100)).encode())
+    job = await imports.create_job(services.db, tenant.account_id, tenant.app_id, "t.csv", path)
+    runner = imports.ImportRunner(services.db)
+    runner.start(job.id)
+    await runner.wait()
+    failed = await imports.get_job(services.db, tenant.account_id, job.id)
+    assert failed.status == "failed"
+    assert failed.errors == ["The import failed unexpectedly."]
+    assert not path.exists()
+
+
+async def test_a_stopped_import_stops_its_reading_process(
+    services: Services, tenant: Tenant, started: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imports, "_PROCESS_ROWS", 0)
+    path = imports.upload_path(services.settings.data_dir)
+    lines = [[f"user{i}@example.org"] + [""] * 9 for i in range(50_000)]
+    path.write_bytes(csv_text(lines).encode())
+    job = await imports.create_job(services.db, tenant.account_id, tenant.app_id, "t.csv", path)
+    runner = imports.ImportRunner(services.db)
+    runner.start(job.id)
+    deadline = asyncio.get_running_loop().time() + 60
+    while (await imports.get_job(services.db, tenant.account_id, job.id)).processed_rows == 0:
+        assert asyncio.get_running_loop().time() < deadline, "no batch written in 60 s"
+        await asyncio.sleep(0.01)
+    await runner.close()
+    assert started[0].returncode is not None  # stopped and reaped, not left reading
+    stopped = await imports.get_job(services.db, tenant.account_id, job.id)
+    assert stopped.status == "failed" and "interrupted" in stopped.errors[0]
+    assert 0 < stopped.processed_rows < 50_000
 
 
 async def test_a_read_failing_midway_keeps_the_batches_before(
