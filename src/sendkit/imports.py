@@ -541,8 +541,10 @@ _Batches = tuple[list[tuple[list[_Row], list[str]]], Exception | None]  # _Reade
 # A file this long is read in a process of its own. Parsing holds the GIL: in a thread it
 # took turns at it with the event loop and the database driver's thread, and read at half
 # its speed alone (a 1,000,000-row import: 59 us a row in the thread, 30 alone;
-# bench/README.md). Below this, starting the process (~0.5 s) costs more than it saves.
-_PROCESS_ROWS = 20_000
+# bench/README.md). Starting the process costs 1-1.5 s here (it imports the app's models):
+# 20,000 rows took 0.85 s in the thread and 1.5-2.2 s with a process, 50,000 rows 2.84
+# and 2.38 s, 100,000 rows 5.59 and 3.83 s.
+_PROCESS_ROWS = 50_000
 _READER_NICENESS = 5  # a background job: the API comes first when the cores are busy
 _EXIT_SECONDS = 5.0
 
