@@ -983,6 +983,7 @@ def _create_engine(url: str, *, echo: bool, lock_timeout: float) -> AsyncEngine:
     )
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+    event.listen(engine.sync_engine, "invalidate", _sqlite_on_invalidate)
     return engine
 
 
@@ -996,6 +997,21 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_on_invalidate(dbapi_conn: Any, _record: Any, _exception: Any) -> None:
+    """Roll back before SQLAlchemy closes a connection it gave up on (a task cancelled
+    while aiosqlite's thread ran one of its statements). That statement's cursor lives on
+    in the traceback, and SQLite keeps a closed connection with an unfinalised statement
+    open, its transaction and the write lock with it, until the cursor is collected:
+    seconds in which every other write waited out its busy timeout and answered 503. The
+    rollback is queued behind the running statement on the connection's own thread."""
+    if dbapi_conn is None:
+        return
+    try:
+        dbapi_conn.rollback()
+    except Exception:  # already closed, or not called from a greenlet (garbage collection)
+        log.debug("sqlite_invalidated_rollback_failed", exc_info=True)
 
 
 def _sqlite_on_begin(conn: Any) -> None:

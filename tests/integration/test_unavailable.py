@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +121,45 @@ async def test_full_disk_answers_503(
         assert await _count(services) == 2
     finally:
         await services.close()
+
+
+async def test_a_write_cancelled_mid_statement_does_not_keep_the_database_locked(
+    services: services_mod.Services, backend: str
+) -> None:
+    """A task cancelled while the driver runs its statement (an import stopped by a
+    shutdown, say) must not leave SQLite's write lock behind it: the next write used to
+    wait out its whole busy timeout (5 s) and fail with a 503."""
+    if backend == "postgres":
+        # The same cancellation on asyncpg left the updated rows locked: the next update
+        # of one of them waited without end. Not fixed yet (see the session notes).
+        pytest.skip("PostgreSQL: a cancelled executemany's row locks, not fixed yet")
+    db = services.db
+    async with db.begin() as conn:
+        await conn.exec_driver_sql("CREATE TABLE scratch (k INTEGER PRIMARY KEY, v TEXT)")
+        await conn.execute(
+            sa.text("INSERT INTO scratch (k, v) VALUES (:k, 'a')"),
+            [{"k": k} for k in range(20_000)],
+        )
+    inside = asyncio.Event()
+
+    async def long_update() -> None:
+        async with db.begin() as conn:
+            inside.set()
+            await conn.execute(
+                sa.text("UPDATE scratch SET v = :v WHERE k = :k"),
+                [{"k": k, "v": "b"} for k in range(20_000)],
+            )
+
+    for _ in range(3):
+        task = asyncio.create_task(long_update())
+        await inside.wait()
+        inside.clear()
+        await asyncio.sleep(0.01)  # the statement is running on the driver's side
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started = time.monotonic()
+        async with db.begin() as conn:
+            await conn.exec_driver_sql("UPDATE scratch SET v = 'c' WHERE k = 1")
+        assert time.monotonic() - started < 1.0
