@@ -8,6 +8,7 @@ A frame is a 4-byte big-endian length and a pickle. Helpers are plain subprocess
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -15,7 +16,7 @@ import os
 import pickle
 import signal
 import struct
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 _LENGTH = struct.Struct(">I")
 _PR_SET_PDEATHSIG = 1
@@ -31,6 +32,13 @@ def frame(value: object) -> bytes:
 def frame_length(header: bytes) -> int:
     (length,) = _LENGTH.unpack(header)
     return int(length)
+
+
+async def read_frame(stream: asyncio.StreamReader) -> Any:
+    """The next frame's value, from a helper this process started (only it writes that
+    pipe, so its pickles are trusted); IncompleteReadError once the helper has gone."""
+    header = await stream.readexactly(HEADER_SIZE)
+    return pickle.loads(await stream.readexactly(frame_length(header)))  # noqa: S301
 
 
 def read_exactly(stream: BinaryIO, size: int) -> bytes | None:

@@ -21,7 +21,6 @@ import csv
 import functools
 import io
 import os
-import pickle
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -608,13 +607,10 @@ class _ProcessSource:
         stdout = self._process.stdout
         assert stdout is not None
         try:
-            header = await stdout.readexactly(framing.HEADER_SIZE)
-            body = await stdout.readexactly(framing.frame_length(header))
+            found: _Batches = await framing.read_frame(stdout)
         except asyncio.IncompleteReadError:
             code = await self._process.wait()
             raise RuntimeError(f"the import's reading process ended early ({code})") from None
-        # From the child this process started, on its own pipe.
-        found: _Batches = pickle.loads(body)  # noqa: S301
         self._finished = found[1] is not None or not found[0]
         return found
 

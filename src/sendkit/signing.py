@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import pickle
 import sys
 import time
 from collections.abc import Coroutine
@@ -155,10 +154,7 @@ class _Child:
     async def results(self) -> list[bytes | ValueError]:
         stdout = self.process.stdout
         assert stdout is not None
-        header = await stdout.readexactly(framing.HEADER_SIZE)
-        body = await stdout.readexactly(framing.frame_length(header))
-        # Only our own signing process writes this pipe.
-        results: list[bytes | ValueError] = pickle.loads(body)  # noqa: S301
+        results: list[bytes | ValueError] = await framing.read_frame(stdout)
         return results
 
     async def end(self) -> None:
