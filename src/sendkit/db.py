@@ -962,6 +962,8 @@ def _sqlite_file_lock(url: str, timeout: float) -> WriterLock | None:
 
 def _create_engine(url: str, *, echo: bool, lock_timeout: float) -> AsyncEngine:
     if not url.startswith("sqlite"):
+        from sendkit.pgconn import CancellableConnection  # only PostgreSQL needs asyncpg
+
         # A write stuck behind a lock fails after lock_timeout instead of hanging the API.
         settings = {"lock_timeout": str(int(lock_timeout * 1000))}
         return create_async_engine(
@@ -971,7 +973,7 @@ def _create_engine(url: str, *, echo: bool, lock_timeout: float) -> AsyncEngine:
             # opened and closed per checkout, which costs more than the query.
             pool_size=20,
             max_overflow=10,
-            connect_args={"server_settings": settings},
+            connect_args={"server_settings": settings, "connection_class": CancellableConnection},
         )
     engine = create_async_engine(
         url,
