@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sendkit import logs
 from sendkit.cache import TtlCache
 from sendkit.errors import SendKitError, ServiceUnavailable
-from sendkit.filelock import WriterLock
+from sendkit.filelock import ApiBusy, WriterLock
 from sendkit.syncconn import NotSynchronous, SyncBackedConnection, run_to_end
 
 T = TypeVar("T")
@@ -419,9 +419,13 @@ class Database:
         lock_timeout: float = 5.0,
         cache_seconds: float = 2.0,
         commit_in_loop: bool = False,
+        api_first: Literal["announce", "defer"] | None = None,
     ) -> None:
         """`commit_in_loop`: SQLite groups run on the event loop when the writer lock is
-        free (`_GroupWriter`); for a process whose loop only serves requests."""
+        free (`_GroupWriter`); for a process whose loop only serves requests.
+        `api_first`: between SQLite processes, an API process announces when it is
+        saturated ("announce"), and a delivery process ("defer") then holds back its
+        claims (`yield_to_api`) and its writes (`filelock.ApiBusy`)."""
         self.url = url
         # Lookups that every request repeats; writes to what they cache call clear().
         self.cache = TtlCache(cache_seconds)
@@ -435,10 +439,21 @@ class Database:
         # between processes.
         self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
         self._file_lock = _sqlite_file_lock(url, lock_timeout) if self.is_sqlite else None
+        busy_path = self._file_lock.path.with_suffix(".api-busy") if self._file_lock else None
+        self._announce = ApiBusy(busy_path) if busy_path and api_first == "announce" else None
+        self._defer_to = ApiBusy(busy_path) if busy_path and api_first == "defer" else None
+        self._quiet_check: asyncio.TimerHandle | None = None
         # SQLite group commits run whole on one thread of their own (see syncconn.py);
         # an in-memory database has no second connection to the same data, so not there.
         self._group_writer = (
-            _GroupWriter(url, echo=echo, lock_timeout=lock_timeout, in_loop=commit_in_loop)
+            _GroupWriter(
+                url,
+                echo=echo,
+                lock_timeout=lock_timeout,
+                in_loop=commit_in_loop,
+                # Its own descriptor: flock probes from two threads on one would mix.
+                defer_to=ApiBusy(busy_path) if busy_path and api_first == "defer" else None,
+            )
             if self._file_lock is not None
             else None
         )
@@ -527,7 +542,45 @@ class Database:
     async def _commit_groups(self) -> None:
         while self._pending:
             group, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
+            if len(group) >= _BUSY_GROUP:
+                self._busy()
             await self._commit_group(group)
+
+    def _busy(self) -> None:
+        """A large group: requests arrive faster than they commit one by one, this API
+        process is saturated. Delivery processes are told until it has been quiet for
+        `_API_QUIET` seconds."""
+        if self._announce is None:
+            return
+        self._announce.announce()
+        if self._quiet_check is None:
+            self._quiet_check = asyncio.get_running_loop().call_later(
+                _API_QUIET, self._withdraw_if_quiet
+            )
+
+    def _withdraw_if_quiet(self) -> None:
+        self._quiet_check = None
+        announce = self._announce
+        if announce is None:
+            return
+        quiet_for = time.monotonic() - announce.last
+        if quiet_for >= _API_QUIET:
+            announce.withdraw()
+        else:
+            self._quiet_check = asyncio.get_running_loop().call_later(
+                _API_QUIET - quiet_for, self._withdraw_if_quiet
+            )
+
+    async def yield_to_api(self, longest: float) -> None:
+        """In a delivery process: wait while an API process says it is saturated, for
+        `longest` seconds at most (see `filelock.ApiBusy`)."""
+        busy = self._defer_to
+        if busy is None:
+            return
+        deadline = time.monotonic() + longest
+        # Polled: the state is another process's flock, which nothing here can await.
+        while busy.announced() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_YIELD_PAUSE)
 
     async def _commit_group(self, group: list[_Write[Any]]) -> None:
         try:
@@ -577,6 +630,12 @@ class Database:
             self._group_writer.close()
         if self._file_lock is not None:
             self._file_lock.close()
+        if self._quiet_check is not None:
+            self._quiet_check.cancel()
+            self._quiet_check = None
+        for busy in (self._announce, self._defer_to):
+            if busy is not None:
+                busy.close()
 
 
 _Outcome = tuple[_Write[Any], Any, BaseException | None]
@@ -652,7 +711,16 @@ class _GroupWriter:
     with another writer, sends the group to the thread, which waits for it as before.
     Not for a process whose loop also delivers (its SMTP sessions would wait)."""
 
-    def __init__(self, url: str, *, echo: bool, lock_timeout: float, in_loop: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool,
+        lock_timeout: float,
+        in_loop: bool,
+        defer_to: ApiBusy | None = None,
+    ) -> None:
+        self._defer_to = defer_to
         sync_url = make_url(url).set(drivername="sqlite+pysqlite")
         # Made on the writer thread; disposed of from the loop's thread at the end.
         self.engine = _sync_sqlite_engine(sync_url, echo, busy_timeout=lock_timeout)
@@ -672,13 +740,22 @@ class _GroupWriter:
         and the cancellation comes at the caller's next await."""
         looked_up: dict[Batch[Any], Any] | None = None
         if self._loop_engine is not None and time.monotonic() >= self._loop_resumes:
-            started = time.monotonic()
-            try:
-                looked_up, outcomes = self._run_in_loop(self._loop_engine, group, lock)
-            finally:
-                self._time_on_loop(time.monotonic() - started)
-            if outcomes is not None:
-                return outcomes
+            deadline = time.monotonic() + _LOOP_LOCK_WAIT
+            pause = _LOOP_LOCK_PAUSE
+            while True:
+                started = time.monotonic()
+                try:
+                    looked_up, outcomes = self._run_in_loop(
+                        self._loop_engine, group, lock, looked_up
+                    )
+                finally:
+                    self._time_on_loop(time.monotonic() - started)
+                if outcomes is not None:
+                    return outcomes
+                if looked_up is None or time.monotonic() + pause > deadline:
+                    break
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _LOOP_LOCK_PAUSE_MAX)
         loop = asyncio.get_running_loop()
         # The caller's context goes along: log lines keep its fields.
         call = functools.partial(
@@ -704,17 +781,22 @@ class _GroupWriter:
             log.warning("sqlite_group_slow_on_loop", ms=round(seconds * 1000, 1))
 
     def _run_in_loop(
-        self, engine: sa.Engine, group: list[_Write[Any]], lock: WriterLock | None
+        self,
+        engine: sa.Engine,
+        group: list[_Write[Any]],
+        lock: WriterLock | None,
+        looked_up: dict[Batch[Any], Any] | None = None,
     ) -> tuple[dict[Batch[Any], Any] | None, list[_Outcome] | None]:
         """(the reads done, the outcomes), or outcomes None: the lock or SQLite is busy
         now, nothing was written, and the thread is to run the group (without reading
         again when the reads are there)."""
         self._checkpointer.start()
-        try:
-            with _unavailable_is_503():
-                looked_up = self._read(engine, group)
-        except ServiceUnavailable:
-            return None, None
+        if looked_up is None:
+            try:
+                with _unavailable_is_503():
+                    looked_up = self._read(engine, group)
+            except ServiceUnavailable:
+                return None, None
         if lock is not None:
             try:
                 if not lock.try_hold():
@@ -743,6 +825,8 @@ class _GroupWriter:
             with _unavailable_is_503():
                 looked_up = self._read(self.engine, group)
         if lock is not None:
+            if self._defer_to is not None:
+                self._defer_to.defer(_API_FIRST_FOR)
             try:
                 held = lock.hold(lock_wait)
             except OSError as exc:
@@ -776,11 +860,28 @@ class _GroupWriter:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self._defer_to is not None:
+            self._defer_to.close()
         self._checkpointer.stop()
         self.engine.dispose()
         if self._loop_engine is not None:
             self._loop_engine.dispose()
 
+
+# The longest a delivery process's group waits (seconds) while an API process is
+# saturated, before it takes the writer lock anyway: under an endless burst, delivery
+# still commits a group every 50 ms or so.
+_API_FIRST_FOR = 0.05
+# A group this large means an API process is saturated; it says so to delivery processes
+# until it has had no such group for `_API_QUIET` seconds.
+_BUSY_GROUP = 8
+_API_QUIET = 0.1
+_YIELD_PAUSE = 0.01
+
+# How long (seconds) a group of an API process retries the writer lock on the loop,
+# pausing from the first value up to the second, before its thread waits for it.
+_LOOP_LOCK_WAIT = 0.02
+_LOOP_LOCK_PAUSE, _LOOP_LOCK_PAUSE_MAX = 0.0002, 0.001
 
 # A group on the event loop that takes longer than this (seconds) sends the groups of the
 # next `_LOOP_PAUSE` seconds to the writer thread.

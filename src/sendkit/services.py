@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sendkit.config import Settings
 from sendkit.crypto import SecretBox
@@ -45,8 +45,14 @@ class Services:
             await self.redis.aclose()
 
 
-def build(settings: Settings, *, commit_in_loop: bool = False) -> Services:
-    """`commit_in_loop`: see `Database`; for the API of a process that does not deliver."""
+def build(
+    settings: Settings,
+    *,
+    commit_in_loop: bool = False,
+    api_first: Literal["announce", "defer"] | None = None,
+) -> Services:
+    """`commit_in_loop`, `api_first`: see `Database`; the first for the API of a process
+    that does not deliver, the second "announce" there and "defer" in a delivery process."""
     redis_client: Any = None
     guard: ReplayGuard = MemoryReplayGuard()
     if settings.redis_url:
@@ -61,6 +67,7 @@ def build(settings: Settings, *, commit_in_loop: bool = False) -> Services:
             lock_timeout=settings.db_lock_timeout,
             cache_seconds=settings.cache_seconds,
             commit_in_loop=commit_in_loop,
+            api_first=api_first,
         ),
         box=SecretBox(settings.resolved_secret_key()),
         limiter=RateLimiter(settings.redis_url, redis=redis_client),

@@ -464,3 +464,29 @@ async def test_a_group_that_holds_the_loop_too_long_sends_the_next_ones_to_the_t
         assert await _stored(db) == [1, 1, 1]
     finally:
         await db.dispose()
+
+
+async def test_an_api_group_waits_on_the_loop_for_a_lock_held_briefly_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """Another API process's group holds the writer lock for a millisecond or two: this
+    process's group retries on the loop (which serves requests meanwhile) instead of
+    going to its writer thread, whose hand-offs with the loop cost more CPU than the
+    wait. Only a lock held longer sends it there."""
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=True)
+    main = threading.current_thread().name
+    try:
+        async with _other_process_locks(tmp_path) as other:
+            write = asyncio.ensure_future(_where(db))
+            await asyncio.sleep(0.003)
+            assert not write.done()
+            other.release()
+            assert (await asyncio.wait_for(write, 5))[0] == main
+        async with _other_process_locks(tmp_path) as other:
+            write = asyncio.ensure_future(_where(db))
+            assert await _ticks(0.2) > 10
+            other.release()
+            assert (await asyncio.wait_for(write, 5))[0].startswith("sendkit-sqlite-writer")
+        assert await _stored(db) == [1, 1]
+    finally:
+        await db.dispose()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sendkit.errors import ServiceUnavailable
-from sendkit.filelock import WriterLock
+from sendkit.filelock import ApiBusy, WriterLock
 
 
 def held_elsewhere(path: Path) -> bool:
@@ -95,3 +95,54 @@ async def test_a_cancelled_wait_hands_a_late_lock_back(tmp_path: Path) -> None:
     assert not held_elsewhere(path)
     other.close()
     ours.close()
+
+
+def test_an_api_process_says_it_is_saturated_until_it_withdraws(tmp_path: Path) -> None:
+    """ApiBusy on one path in two instances: an API process and a delivery process."""
+    path = tmp_path / "db.api-busy"
+    api, delivery = ApiBusy(path), ApiBusy(path)
+    other_api = ApiBusy(path)
+    try:
+        assert not delivery.announced()
+        api.announce()
+        api.announce()  # idempotent
+        other_api.announce()  # shared: several API processes at once
+        assert delivery.announced()
+        api.withdraw()
+        assert delivery.announced()  # the other one still is
+        other_api.withdraw()
+        assert not delivery.announced()
+        api.withdraw()  # twice is harmless
+        assert not delivery.announced()
+    finally:
+        for busy in (api, delivery, other_api):
+            busy.close()
+
+
+def test_a_delivery_process_defers_for_a_bounded_time(tmp_path: Path) -> None:
+    path = tmp_path / "db.api-busy"
+    api, delivery = ApiBusy(path), ApiBusy(path)
+    try:
+        started = time.monotonic()
+        delivery.defer(1.0)
+        assert time.monotonic() - started < 0.1  # nobody is saturated: no wait
+        api.announce()
+        started = time.monotonic()
+        delivery.defer(0.2)
+        assert 0.2 <= time.monotonic() - started < 0.5  # bounded: delivery goes on
+    finally:
+        api.close()
+        delivery.close()
+
+
+def test_an_api_process_that_exits_stops_saying_so(tmp_path: Path) -> None:
+    """A crashed API process must not hold delivery back: its flock goes with it."""
+    path = tmp_path / "db.api-busy"
+    api, delivery = ApiBusy(path), ApiBusy(path)
+    try:
+        api.announce()
+        assert delivery.announced()
+        api.close()  # what the kernel does to a dead process's descriptors
+        assert not delivery.announced()
+    finally:
+        delivery.close()

@@ -74,7 +74,7 @@ def run_process(settings: Settings, *, concurrency: int | None = None) -> None:
 
 async def run_standalone(settings: Settings, *, concurrency: int | None = None) -> None:
     """`sendkit worker`: until SIGTERM or SIGINT, then a bounded graceful stop."""
-    services = services_mod.build(settings)
+    services = services_mod.build(settings, api_first="defer")
     try:
         await migrate(services.db)
         running = start_workers(services, concurrency=concurrency)

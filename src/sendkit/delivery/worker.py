@@ -44,6 +44,9 @@ from sendkit.services import Services
 log = logs.get("sendkit.worker")
 
 _KEY_CACHE_SECONDS = 60.0
+# The longest a claim waits (seconds) while an API process is saturated: under an endless
+# burst, delivery still claims a batch this often.
+CLAIM_YIELD = 0.5
 _RECORD_BATCH = 500
 # A record transaction cost the delivery process about a millisecond of CPU whatever its
 # size (BEGIN IMMEDIATE, four statements, the fsync, the writer thread and the loop
@@ -184,6 +187,10 @@ class Worker:
         ):
             self._progress.clear()
             await self._progress.wait()
+            return
+        # A saturated API goes first: what it accepts meanwhile waits in the queue.
+        await self.services.db.yield_to_api(CLAIM_YIELD)
+        if stop.is_set():
             return
         # Cleared before the claim: a message queued while it runs still wakes the sleep.
         self.wakeup.clear()

@@ -51,7 +51,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         if own:
             # A loop that only serves requests commits on itself; one that also delivers
             # leaves commits to the writer thread (its SMTP sessions must not wait).
-            app.state.services = services_mod.build(settings, commit_in_loop=not settings.workers)
+            app.state.services = services_mod.build(
+                settings,
+                commit_in_loop=not settings.workers,
+                api_first=None if settings.workers else "announce",
+            )
         else:
             app.state.services = services
         workers = None
