@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import datetime
 import logging
 import os
 import sys
+import threading
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 from typing import Any
@@ -68,7 +71,39 @@ class _JsonLines:
         fields["level"] = "info"
         stamp = datetime.datetime.now(tz=datetime.UTC).isoformat()
         fields["timestamp"] = stamp.replace("+00:00", "Z")
-        sys.stderr.write(_dumps(fields) + "\n")
+        _lines.add(_dumps(fields) + "\n")
+
+
+class _Lines(threading.local):
+    """Info lines written on an event loop go out together at the end of its turn, in
+    one write: a write per line was a system call per request (stderr is line-buffered),
+    ~5 % of a send's CPU in the API process. Any other line of the thread flushes them
+    first, so the order holds; outside a loop a line is written at once. Per thread: each
+    loop flushes its own."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+
+    def add(self, line: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            sys.stderr.write(line)
+            return
+        if not self.pending:
+            loop.call_soon(self.flush)
+        self.pending.append(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            text = "".join(self.pending)
+            self.pending.clear()
+            sys.stderr.write(text)
+
+
+_lines = _Lines()
+atexit.register(_lines.flush)
 
 
 _json_lines: _JsonLines | None = None
@@ -120,6 +155,7 @@ class _CurrentStderr:
     test runners and daemons swap it, and a closed stream must never take logging down."""
 
     def write(self, text: str) -> int:
+        _lines.flush()
         return sys.stderr.write(text)
 
     def flush(self) -> None:

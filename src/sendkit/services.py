@@ -34,7 +34,7 @@ class Services:
         if worker is not None:
             worker.wakeup.set()
         elif self.wakes is not None:
-            self.wakes.ping()
+            self.wakes.ping_soon()
 
     async def close(self) -> None:
         if self.wakes is not None:

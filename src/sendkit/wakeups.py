@@ -40,6 +40,7 @@ class WakeSender:
         self._socket.setblocking(False)
         self._targets: list[str] = []
         self._listed_at = -_RELIST_SECONDS
+        self._soon: asyncio.AbstractEventLoop | None = None  # a ping is scheduled there
 
     @classmethod
     def create(cls, where: Path) -> WakeSender | None:
@@ -48,6 +49,24 @@ class WakeSender:
             return cls(where)
         except (AttributeError, OSError):
             return None
+
+    def ping_soon(self) -> None:
+        """`ping()` at the end of the loop's turn, once for every message queued in it (a
+        group commit answers many at once): a datagram per message was a system call per
+        request in the API, and a wake-up per message in each delivery process."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.ping()
+            return
+        if self._soon is loop:
+            return
+        self._soon = loop
+        loop.call_soon(self._ping_now)
+
+    def _ping_now(self) -> None:
+        self._soon = None
+        self.ping()
 
     def ping(self) -> None:
         now = time.monotonic()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -59,3 +61,42 @@ def test_another_configuration_takes_over_from_the_fast_line(
     logs.info(logs.get("sendkit.http"), "request", **FIELDS)
     assert seen == [{**FIELDS, "event": "request"}]
     assert _lines(capsys) == []
+
+
+class _CountingStderr:
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_of_one_loop_turn_are_written_together_and_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A group commit answers many requests in one turn of the loop: their access lines
+    go out in one write at its end; a line of another kind flushes them first."""
+    logs.configure(json=True)
+    err = _CountingStderr()
+    monkeypatch.setattr(sys, "stderr", err)
+    log = logs.get("sendkit.http")
+
+    async def turn() -> int:
+        for i in range(5):
+            logs.info(log, "request", n=i)
+        written = len(err.writes)
+        log.warning("slow", n=5)  # structlog's own path
+        logs.info(log, "request", n=6)
+        await asyncio.sleep(0)  # the end of the turn
+        return written
+
+    assert asyncio.run(turn()) == 0  # nothing written during the turn
+    assert err.writes[0].count("\n") == 5  # the five in one write, then the others
+    events = [json.loads(line) for line in "".join(err.writes).splitlines()]
+    assert [e["n"] for e in events] == list(range(7))
+    logs.info(log, "request", n=7)  # no loop: at once
+    assert json.loads(err.writes[-1])["n"] == 7
