@@ -443,6 +443,7 @@ class Database:
         self._announce = ApiBusy(busy_path) if busy_path and api_first == "announce" else None
         self._defer_to = ApiBusy(busy_path) if busy_path and api_first == "defer" else None
         self._quiet_check: asyncio.TimerHandle | None = None
+        self._gather_turn = commit_in_loop and self.is_sqlite
         # SQLite group commits run whole on one thread of their own (see syncconn.py);
         # an in-memory database has no second connection to the same data, so not there.
         self._group_writer = (
@@ -540,6 +541,13 @@ class Database:
         return item.future
 
     async def _commit_groups(self) -> None:
+        if self._gather_turn:
+            # A group on the loop holds it: the requests that arrive meanwhile are read
+            # after it, so without this turn each group held only what one turn had read
+            # (here ~20 of 64 connections). One more turn first gathers the next ones too:
+            # the group's fixed cost shrinks per request. Quick intake alone on this
+            # machine: 4,298-5,647 -> 6,353-6,987 req/s, p99 21-24 -> 14-17 ms.
+            await asyncio.sleep(0)
         while self._pending:
             group, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
             if len(group) >= _BUSY_GROUP:
@@ -571,15 +579,17 @@ class Database:
                 _API_QUIET - quiet_for, self._withdraw_if_quiet
             )
 
-    async def yield_to_api(self, longest: float) -> None:
+    async def yield_to_api(self, longest: float, stop: asyncio.Event | None = None) -> None:
         """In a delivery process: wait while an API process says it is saturated, for
-        `longest` seconds at most (see `filelock.ApiBusy`)."""
+        `longest` seconds at most, or until `stop` is set (see `filelock.ApiBusy`)."""
         busy = self._defer_to
         if busy is None:
             return
         deadline = time.monotonic() + longest
         # Polled: the state is another process's flock, which nothing here can await.
-        while busy.announced() and time.monotonic() < deadline:  # noqa: ASYNC110
+        while busy.announced() and time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return
             await asyncio.sleep(_YIELD_PAUSE)
 
     async def _commit_group(self, group: list[_Write[Any]]) -> None:

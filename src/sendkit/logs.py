@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 from typing import Any
@@ -82,7 +83,11 @@ class _Lines(threading.local):
     loop flushes its own."""
 
     def __init__(self) -> None:
-        self.pending: list[str] = []
+        self.pending: list[str] = _Pending()
+        # The loop a flush is scheduled on: one that stopped before running it must not
+        # keep the lines of the thread's next loop waiting.
+        self.flushes_on: asyncio.AbstractEventLoop | None = None
+        _every_thread.add(self.pending)
 
     def add(self, line: str) -> None:
         try:
@@ -91,19 +96,40 @@ class _Lines(threading.local):
             self.flush()
             sys.stderr.write(line)
             return
-        if not self.pending:
+        if self.flushes_on is not loop:
+            self.flushes_on = loop
             loop.call_soon(self.flush)
         self.pending.append(line)
 
     def flush(self) -> None:
-        if self.pending:
-            text = "".join(self.pending)
-            self.pending.clear()
-            sys.stderr.write(text)
+        self.flushes_on = None
+        _write_out(self.pending)
 
 
+def _write_out(pending: list[str]) -> None:
+    if pending:
+        text = "".join(pending)
+        pending.clear()
+        sys.stderr.write(text)
+
+
+def _flush_every_thread() -> None:
+    for pending in list(_every_thread):
+        _write_out(pending)
+
+
+class _Pending(list[str]):
+    """A thread's lines, in a WeakSet (gone with the thread): by identity, not content."""
+
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+_every_thread: weakref.WeakSet[list[str]] = weakref.WeakSet()
 _lines = _Lines()
-atexit.register(_lines.flush)
+atexit.register(_flush_every_thread)
 
 
 _json_lines: _JsonLines | None = None

@@ -32,13 +32,15 @@ class CancellableConnection(asyncpg.Connection):  # type: ignore[misc]
         try:
             await asyncio.shield(running)
         except asyncio.CancelledError:
+            # Whatever it ends with is nobody's to read now: retrieved, not logged.
+            running.add_done_callback(_consume)
             if not running.done():
-                running.add_done_callback(_consume)
                 self.terminate()
+                # Closing does not wake a statement still waiting to send more rows.
+                running.cancel()
             raise
 
 
 def _consume(task: asyncio.Future[None]) -> None:
-    # The closed connection's error is expected: retrieve it so asyncio does not log it.
     if not task.cancelled():
         task.exception()

@@ -133,6 +133,12 @@ async def test_a_delivery_process_claims_nothing_while_an_api_is_saturated(
         while [await status_of(services, i) for i in more] != ["delivered"] * 2:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
+        api.announce()  # saturated again: stopping does not wait out the bound
+        monkeypatch.setattr(worker_module, "CLAIM_YIELD", 30.0)
+        worker.wakeup.set()  # to its next claim, which waits for the API
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 5)
     finally:
         stop.set()
         if task is not None:

@@ -490,3 +490,27 @@ async def test_an_api_group_waits_on_the_loop_for_a_lock_held_briefly_elsewhere(
         assert await _stored(db) == [1, 1]
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+async def test_a_group_on_the_loop_gathers_the_next_turns_requests(
+    tmp_path: Path, in_loop: bool
+) -> None:
+    """On the loop, the committer waits one turn before its first group: the requests
+    read in that turn share the group's transaction (fewer, larger groups under load)."""
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=in_loop)
+    seen: list[AsyncConnection] = []
+
+    async def insert(conn: AsyncConnection) -> None:
+        seen.append(conn)
+        await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+
+    try:
+        first = asyncio.ensure_future(db.write(insert))
+        await asyncio.sleep(0)  # the first write is queued, its committer started
+        second = asyncio.ensure_future(db.write(insert))
+        await asyncio.gather(first, second)
+        assert (seen[0] is seen[1]) is in_loop
+        assert await _stored(db) == [1, 1]
+    finally:
+        await db.dispose()

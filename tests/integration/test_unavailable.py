@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import shutil
 import sqlite3
 import subprocess
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 
 from sendkit import services as services_mod
 from sendkit.db import messages
+from sendkit.pgconn import CancellableConnection
 from sendkit.web.app import create_app
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, SEND_EXAMPLE, make_settings, make_tenant
 
@@ -149,6 +152,10 @@ async def test_a_write_cancelled_mid_statement_does_not_keep_the_database_locked
                 [{"k": k, "v": "b"} for k in range(20_000)],
             )
 
+    reported: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: reported.append(str(context.get("message")))
+    )
     for _ in range(3):
         task = asyncio.create_task(long_update())
         await inside.wait()
@@ -166,3 +173,51 @@ async def test_a_write_cancelled_mid_statement_does_not_keep_the_database_locked
         async with db.begin() as conn:
             changed = await conn.scalar(sa.text("SELECT count(*) FROM scratch WHERE v = 'b'"))
         assert changed == 0
+    # Nothing of the statements was left behind: no task destroyed while still pending,
+    # no error nobody retrieved (both reach the loop's exception handler).
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert reported == []
+
+
+async def test_a_cancelled_executemany_held_up_by_a_lock_leaves_nothing_behind(
+    pg_database: str,
+) -> None:
+    """The statement's rows wait on a row another transaction holds, so asyncpg has
+    stopped sending them (the socket is full) when the caller is cancelled: the caller
+    ends at once, and the statement's own task with it (closing the connection does not
+    wake a task waiting to send)."""
+    database = pg_database.rsplit("/", 1)[1]
+    connect = functools.partial(
+        asyncpg.connect, host=PG_HOST, port=PG_PORT, user=PG_USER, database=database
+    )
+    holder = await connect()
+    await holder.execute("CREATE TABLE IF NOT EXISTS held (k int PRIMARY KEY, v text)")
+    await holder.execute("INSERT INTO held VALUES (1, 'a') ON CONFLICT DO NOTHING")
+    reported: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: reported.append(str(context.get("message")))
+    )
+    held = holder.transaction()
+    await held.start()
+    await holder.execute("UPDATE held SET v = 'held' WHERE k = 1")
+    blocked = await connect(connection_class=CancellableConnection)
+    try:
+        update = asyncio.ensure_future(
+            blocked.executemany("UPDATE held SET v = $2 WHERE k = $1", [(1, "x" * 100_000)] * 300)
+        )
+        await asyncio.sleep(0.5)
+        assert not update.done()
+        update.cancel()
+        finished, _ = await asyncio.wait([update], timeout=5)
+        assert finished and update.cancelled()
+        await asyncio.sleep(0.1)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        assert blocked.is_closed()
+    finally:
+        await held.rollback()
+        await holder.execute("DROP TABLE held")
+        await holder.close()
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert reported == []

@@ -100,3 +100,28 @@ def test_lines_of_one_loop_turn_are_written_together_and_in_order(
     assert [e["n"] for e in events] == list(range(7))
     logs.info(log, "request", n=7)  # no loop: at once
     assert json.loads(err.writes[-1])["n"] == 7
+
+
+def test_a_loop_that_stops_before_its_flush_does_not_hold_up_the_next_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logs.configure(json=True)
+    err = _CountingStderr()
+    monkeypatch.setattr(sys, "stderr", err)
+    log = logs.get("sendkit.http")
+    loop = asyncio.new_event_loop()
+
+    def last_turn() -> None:
+        loop.stop()
+        logs.info(log, "request", n=1)  # its flush is scheduled, never run
+
+    loop.call_soon(last_turn)
+    loop.run_forever()
+    loop.close()
+
+    async def later() -> None:
+        logs.info(log, "request", n=2)
+        await asyncio.sleep(0)
+
+    asyncio.run(later())
+    assert [json.loads(line)["n"] for line in "".join(err.writes).splitlines()] == [1, 2]

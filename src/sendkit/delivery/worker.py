@@ -189,7 +189,7 @@ class Worker:
             await self._progress.wait()
             return
         # A saturated API goes first: what it accepts meanwhile waits in the queue.
-        await self.services.db.yield_to_api(CLAIM_YIELD)
+        await self.services.db.yield_to_api(CLAIM_YIELD, stop)
         if stop.is_set():
             return
         # Cleared before the claim: a message queued while it runs still wakes the sleep.
