@@ -374,3 +374,35 @@ def test_plain_addresses_take_the_shortcut_with_the_same_answer() -> None:
                 assert bare(value) == full(value), value
     assert addresses._VALID_DOMAINS.get("EXAMPLE.Org") == "example.org"
     assert "b\u00fccher.example" not in addresses._VALID_DOMAINS
+
+
+async def test_blank_and_whitespace_only_rows_are_skipped_by_either_reader(
+    services: Services, tenant: Tenant, reading: list[Any]
+) -> None:
+    """An empty line, a row of empty cells and a row of whitespace-only cells are not
+    contacts and not errors; the rows after them keep their line numbers in errors."""
+    empty = "," * (len(HEADER) - 1)
+    spaces = ", \t," + " ," * (len(HEADER) - 3) + "  "
+    text = "\r\n".join(
+        [
+            ",".join(HEADER),
+            "first@example.org" + "," * (len(HEADER) - 1),
+            "",
+            empty,
+            spaces,
+            "not-an-address" + "," * (len(HEADER) - 1),
+            "second@example.org" + "," * (len(HEADER) - 1),
+        ]
+    )
+    job = await run_import(services, tenant, tenant.app_id, (text + "\r\n").encode())
+    assert job.status == "done"
+    assert (job.created_rows, job.updated_rows, job.error_rows) == (2, 0, 1)
+    assert len(job.errors) == 1 and job.errors[0].startswith("row 6:")
+    listed = await contacts.list_page(
+        services.db, tenant.account_id, contacts.ContactQuery(appId=tenant.app_id)
+    )
+    assert sorted(c["emailAddress"] for c in listed["list"]) == [
+        "first@example.org",
+        "second@example.org",
+    ]
+    assert len(reading) == (imports._PROCESS_ROWS == 0)
