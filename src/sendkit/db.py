@@ -439,9 +439,9 @@ class Database:
         # between processes.
         self._sqlite_writer: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
         self._file_lock = _sqlite_file_lock(url, lock_timeout) if self.is_sqlite else None
-        busy_path = self._file_lock.path.with_suffix(".api-busy") if self._file_lock else None
-        self._announce = ApiBusy(busy_path) if busy_path and api_first == "announce" else None
-        self._defer_to = ApiBusy(busy_path) if busy_path and api_first == "defer" else None
+        busy = self._file_lock.path.with_suffix(".api-busy") if self._file_lock else None
+        self._announce = ApiBusy(busy) if busy and api_first == "announce" else None
+        self._defer_to = ApiBusy(busy) if busy and api_first == "defer" else None
         self._quiet_check: asyncio.TimerHandle | None = None
         self._gather_turn = commit_in_loop and self.is_sqlite
         # SQLite group commits run whole on one thread of their own (see syncconn.py);
@@ -453,7 +453,7 @@ class Database:
                 lock_timeout=lock_timeout,
                 in_loop=commit_in_loop,
                 # Its own descriptor: flock probes from two threads on one would mix.
-                defer_to=ApiBusy(busy_path) if busy_path and api_first == "defer" else None,
+                defer_to=ApiBusy(busy) if busy and self._defer_to else None,
             )
             if self._file_lock is not None
             else None
@@ -798,8 +798,8 @@ class _GroupWriter:
         looked_up: dict[Batch[Any], Any] | None = None,
     ) -> tuple[dict[Batch[Any], Any] | None, list[_Outcome] | None]:
         """(the reads done, the outcomes), or outcomes None: the lock or SQLite is busy
-        now, nothing was written, and the thread is to run the group (without reading
-        again when the reads are there)."""
+        now and nothing was written; `run` tries again, then hands the group to the
+        thread (neither reads again when the reads are there)."""
         self._checkpointer.start()
         if looked_up is None:
             try:

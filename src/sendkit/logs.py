@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import threading
-import weakref
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 from typing import Any
@@ -83,11 +82,11 @@ class _Lines(threading.local):
     loop flushes its own."""
 
     def __init__(self) -> None:
-        self.pending: list[str] = _Pending()
+        self.pending: list[str] = []
         # The loop a flush is scheduled on: one that stopped before running it must not
         # keep the lines of the thread's next loop waiting.
         self.flushes_on: asyncio.AbstractEventLoop | None = None
-        _every_thread.add(self.pending)
+        _every_thread[threading.get_ident()] = self.pending
 
     def add(self, line: str) -> None:
         try:
@@ -114,20 +113,13 @@ def _write_out(pending: list[str]) -> None:
 
 
 def _flush_every_thread() -> None:
-    for pending in list(_every_thread):
+    for pending in list(_every_thread.values()):
         _write_out(pending)
 
 
-class _Pending(list[str]):
-    """A thread's lines, in a WeakSet (gone with the thread): by identity, not content."""
-
-    __hash__ = object.__hash__  # type: ignore[assignment]
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
-
-_every_thread: weakref.WeakSet[list[str]] = weakref.WeakSet()
+# Each thread's pending lines, for the flush at exit (a later thread with the same id
+# takes the entry over: the earlier one is gone).
+_every_thread: dict[int, list[str]] = {}
 _lines = _Lines()
 atexit.register(_flush_every_thread)
 
