@@ -3,6 +3,7 @@ a lower CPU priority, one that dies is replaced, and none outlives the server.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sendkit.filelock import ApiBusy
 from tests.integration.test_processes import SEND, children, serving_processes
 from tests.live import LiveServer, live_server
 
@@ -105,3 +107,50 @@ def test_a_delivery_process_asked_to_stop_is_not_restarted(
 
 
 RESTART_WAIT = 3.0  # well past DeliveryProcesses.RESTART_PAUSE
+
+
+def test_a_saturated_api_process_holds_the_delivery_process_back(
+    tmp_path: Path, database_url: str
+) -> None:
+    """`sendkit serve` wires API first (SQLite): its API process says when a burst
+    saturates it, and its delivery process waits (a bounded time) before claiming."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("API first is between SQLite processes")
+    busy_file = Path(database_url.split("///", 1)[1] + ".api-busy")
+    with live_server(
+        tmp_path, database_url, SENDKIT_WORKER_PROCESSES="1", SENDKIT_JSON_LOGS="true"
+    ) as server:
+        demo = server.cli("init", "--demo")
+        token = demo["apiKey"]
+        server.cli("account", "set-plan", demo["accountId"], "--rate", "1000")
+        serving_processes(server, 1)
+        time.sleep(1.5)  # the delivery process is up and asleep
+        probe = ApiBusy(busy_file)
+        try:
+            # The delivery side: while an API process says so, a queued message waits.
+            other_api = ApiBusy(busy_file)
+            other_api.announce()
+            headers = {"Authorization": f"Bearer {token}"}
+            sent = time.monotonic()
+            response = httpx.post(f"{server.base_url}/v1/send", json=SEND, headers=headers)
+            message_id = response.headers["X-Message-Id"]
+            time.sleep(0.3)
+            assert message_id not in server.logs()  # not delivered yet: not even claimed
+            other_api.close()
+            assert send_and_wait(server, token, within=10) > 0
+            assert time.monotonic() - sent >= 0.3
+
+            # The API side: a burst makes the serving process say so, for a while.
+            async def burst() -> None:
+                async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as c:
+                    answers = await asyncio.gather(
+                        *(c.post("/v1/send", json=SEND) for _ in range(60))
+                    )
+                assert {a.status_code for a in answers} == {200}
+
+            asyncio.run(burst())
+            assert probe.announced()
+            time.sleep(0.5)
+            assert not probe.announced()  # quiet again: withdrawn
+        finally:
+            probe.close()
