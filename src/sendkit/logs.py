@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import datetime
 import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
 from typing import Any
@@ -69,9 +69,26 @@ class _JsonLines:
         if self.with_pid:
             fields["pid"] = os.getpid()
         fields["level"] = "info"
-        stamp = datetime.datetime.now(tz=datetime.UTC).isoformat()
-        fields["timestamp"] = stamp.replace("+00:00", "Z")
+        fields["timestamp"] = utc_stamp(time.time_ns())
         _lines.add(_dumps(fields) + "\n")
+
+
+# The last second `utc_stamp` formatted, and its text up to the seconds.
+_second: tuple[int, str] = (-1, "")
+
+
+def utc_stamp(ns: int) -> str:
+    """`TimeStamper(fmt="iso", utc=True)`'s text for a time in nanoseconds (microseconds
+    left out when there are none, as `isoformat` does), with the date and time of day
+    formatted once a second: `datetime.isoformat` was 1 % of a send's CPU."""
+    global _second
+    seconds, rest = divmod(ns, 1_000_000_000)
+    known, prefix = _second
+    if known != seconds:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = (seconds, prefix)
+    micro = rest // 1000
+    return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
 
 
 class _Lines(threading.local):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -37,6 +39,32 @@ def test_the_fast_line_equals_structlogs_line(
     slow.pop("timestamp"), fast.pop("timestamp")
     assert fast == slow
     assert fast["request_id"] == "req-1" and fast["level"] == "info"
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        0,
+        1_795_772_400_000_000_000,  # a whole second: no fraction, as isoformat has it
+        1_795_772_400_000_001_999,  # one microsecond (nanoseconds dropped)
+        1_795_772_459_999_999_999,  # the last microsecond of a minute
+        1_795_772_460_123_456_000,  # the next second, after the cached one
+    ],
+)
+def test_the_fast_timestamp_is_isoformats_in_utc(ns: int) -> None:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    when = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).replace(
+        microsecond=rest // 1000
+    )
+    assert logs.utc_stamp(ns) == when.isoformat().replace("+00:00", "Z")
+
+
+def test_the_fast_timestamp_is_structlogs() -> None:
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    before = stamper(None, "info", {})["timestamp"]
+    ours = logs.utc_stamp(time.time_ns())
+    after = stamper(None, "info", {})["timestamp"]
+    assert before <= ours <= after and ours.endswith("Z") and len(ours) == len(before)
 
 
 def test_the_fast_line_keeps_the_configured_level(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,3 +28,35 @@ def test_only_a_body_sent_as_is_takes_the_direct_write(
 def test_connection_close_is_a_token_not_a_substring() -> None:
     assert b"close" in protocol._tokens(b"keep-alive, Close")
     assert b"close" not in protocol._tokens(b"closed-captions")
+
+
+_GOOD = ((b"date", b"Fri, 27 Nov 2026 10:00:00 GMT"), (b"content-type", b"application/json"))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (b"x-id", b"a\r\nSet-Cookie: x=y"),
+        (b"x-id", b"a\nb"),
+        (b"x-id", b"a\x00b"),
+        (b"x-id", b"a\x7fb"),
+        (b"x id", b"a"),
+        (b"x:id", b"a"),
+        (b"x\r\nid", b"a"),
+        (b"x(id)", b"a"),
+    ],
+)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_bad_header_anywhere_is_refused(bad: tuple[bytes, bytes], where: str) -> None:
+    """Every name and value is searched, whatever its place among the others."""
+    headers = {
+        "first": (bad, *_GOOD),
+        "middle": (_GOOD[0], bad, _GOOD[1]),
+        "last": (*_GOOD, bad),
+    }[where]
+    with pytest.raises(RuntimeError, match="Invalid HTTP header"):
+        protocol._check(headers)
+
+
+def test_good_headers_and_a_tab_in_a_value_pass() -> None:
+    protocol._check((*_GOOD, (b"x-note", b"a\tb"), (b"x-empty", b"")))

@@ -32,6 +32,9 @@ class _SendKitAPI(FastAPI):
     middlewares), which only repeat what RequestContext and the handlers do."""
 
     front: RequestContext | None = None
+    # Not in `app.state`: Starlette's State answers each read through a failed attribute
+    # lookup (an exception raised and caught) before its `__getattr__`, twice a request.
+    services: Services | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         front = self.front
@@ -46,24 +49,22 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     """With `services`, the caller owns them (tests); without, the lifespan builds them."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: _SendKitAPI) -> AsyncIterator[None]:
         own = services is None
-        if own:
-            # A loop that only serves requests commits on itself; one that also delivers
-            # leaves commits to the writer thread (its SMTP sessions must not wait).
-            app.state.services = services_mod.build(
-                settings,
-                commit_in_loop=not settings.workers,
-                api_first=None if settings.workers else "announce",
-            )
-        else:
-            app.state.services = services
+        # A loop that only serves requests commits on itself; one that also delivers
+        # leaves commits to the writer thread (its SMTP sessions must not wait).
+        running = services or services_mod.build(
+            settings,
+            commit_in_loop=not settings.workers,
+            api_first=None if settings.workers else "announce",
+        )
+        app.services = running
         workers = None
         if settings.workers and own:
             # Imported here: the API alone (tests, `--no-workers`) never loads SMTP code.
             from sendkit.delivery.runner import start_workers
 
-            workers = start_workers(app.state.services)
+            workers = start_workers(running)
         if own:
             # Everything built so far lives as long as the process: out of the collector's
             # way, so a full collection (100-200 ms at 1M-contact pages) stays short.
@@ -75,7 +76,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             if workers is not None:
                 await workers.stop()
             if own:
-                await app.state.services.close()
+                await running.close()
 
     app = _SendKitAPI(
         title="SendKit",
@@ -84,7 +85,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         default_response_class=envelope.JSONResponse,
     )
     if services is not None:
-        app.state.services = services
+        app.services = services
     app.include_router(api.router)
     app.include_router(deliverability.router)
     app.include_router(unsubscribe.router)

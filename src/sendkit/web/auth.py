@@ -28,19 +28,39 @@ class ApiCall:
 
 
 def services_of(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    return request.app.services  # type: ignore[no-any-return]
+
+
+# The request headers `api_call` reads, found in one pass over the list (ASGI names are
+# lower-case): Starlette's `Headers` scans and decodes the whole list on every lookup.
+_AUTHORIZATION = b"authorization"
+_TIMESTAMP = b"x-sendkit-timestamp"
+_SIGNATURE = b"x-sendkit-signature"
+_CONTENT_LENGTH = b"content-length"
+_READ = frozenset((_AUTHORIZATION, _TIMESTAMP, _SIGNATURE, _CONTENT_LENGTH))
+
+
+def _read_headers(request: Request) -> dict[bytes, str]:
+    """The first value of each header `api_call` reads, as `Headers.get` would give it."""
+    found: dict[bytes, str] = {}
+    for name, value in request.scope["headers"]:
+        if name in _READ and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
 
 
 async def api_call(request: Request) -> ApiCall:
     services = services_of(request)
-    key = await keys.authenticate(services.db, services.box, _bearer(request))
+    headers = _read_headers(request)
+    key = await keys.authenticate(services.db, services.box, _bearer(headers))
     limit = key.account.max_message_size + services.settings.body_overhead
-    timestamp = request.headers.get("x-sendkit-timestamp")
-    signature = request.headers.get("x-sendkit-signature")
+    timestamp = headers.get(_TIMESTAMP)
+    signature = headers.get(_SIGNATURE)
+    declared = headers.get(_CONTENT_LENGTH, "")
     body: bytes | None = None
     window = services.settings.signature_window
     if keys.precheck_signature(key, timestamp=timestamp, signature=signature, window=window):
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, declared)
         await keys.verify_signature(
             key,
             timestamp=timestamp,
@@ -53,14 +73,17 @@ async def api_call(request: Request) -> ApiCall:
         )
     ensure_usable(key.account, utc_today())
     rate = await services.limiter.hit(key.account.id, key.account.rate_per_second)
-    request.state.extra_headers.update(rate.headers())
+    # The request's own state, as `RequestContext` put it in the scope: `request.state`
+    # reaches it through an attribute lookup that fails (an exception) first.
+    state = request.scope["state"]
+    state["extra_headers"].update(rate.headers())
     if body is None:
-        body = await read_body(request, limit)
-    return ApiCall(request.state.request_id, key, body)
+        body = await read_body(request, limit, declared)
+    return ApiCall(state["request_id"], key, body)
 
 
-def _bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def _bearer(headers: Mapping[bytes, str]) -> str:
+    scheme, _, token = headers.get(_AUTHORIZATION, "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidSignature("Invalid signature: missing 'Authorization: Bearer <token>'")
     return token.strip()
@@ -72,9 +95,9 @@ def _path_with_query(request: Request) -> str:
     return (path + (b"?" + query if query else b"")).decode("latin-1")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Refuse an oversized body as it streams in, before it is held in memory whole."""
-    declared = request.headers.get("content-length", "")
+async def read_body(request: Request, limit: int, declared: str) -> bytes:
+    """Refuse an oversized body as it streams in, before it is held in memory whole
+    (`declared`: the Content-Length header, or "")."""
     if declared.isdigit() and int(declared) > limit:
         raise MessageTooLarge()
     chunks: list[bytes] = []

@@ -48,7 +48,7 @@ async def metrics(request: Request) -> Response:
 def observe_request(scope: Scope, code: int, seconds: float) -> None:
     """Counts an HTTP request by route template (never the raw path: ids and tokens in
     paths would make a series per request), method and status code."""
-    services = getattr(scope["app"].state, "services", None)
+    services = getattr(scope["app"], "services", None)
     if services is None:
         return
     # The router writes the matched route into the shared scope.

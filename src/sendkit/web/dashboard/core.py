@@ -125,7 +125,7 @@ class Page:
 
 
 def services_of(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    return request.app.services  # type: ignore[no-any-return]
 
 
 def page_of(request: Request) -> Page:
