@@ -7,10 +7,18 @@ the queue is shared by every process, so only the database knows its depth.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sendkit.db import Database, messages, webhook_deliveries
 
@@ -26,20 +34,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.http_requests = Counter(
-            "sendkit_http_requests",
-            "HTTP requests by route template, method and status code.",
-            ["route", "method", "code"],
-            registry=r,
-        )
-        self._http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self.http_duration = Histogram(
-            "sendkit_http_request_duration_seconds",
-            "HTTP request handling time by route template.",
-            ["route"],
-            buckets=_HTTP_BUCKETS,
-            registry=r,
-        )
+        self.http = HttpRequests()
+        r.register(self.http)
         self.queue_depth = Gauge(
             "sendkit_queue_depth",
             "Messages waiting in the queue, by status.",
@@ -79,18 +75,7 @@ class Metrics:
         )
 
     def observe_http(self, route: str, method: str, code: int, seconds: float) -> None:
-        """One request, by route template, method and status. The labelled children are
-        kept: `labels()` formats and looks them up again under a lock on every call."""
-        key = (route, method, code)
-        children = self._http_children.get(key)
-        if children is None:
-            children = (
-                self.http_requests.labels(route, method, str(code)),
-                self.http_duration.labels(route),
-            )
-            self._http_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.http.observe(route, method, code, seconds)
 
     def observe_delivery(
         self, outcome: str, *, latency_s: float | None, attempt_s: float | None
@@ -109,6 +94,56 @@ class Metrics:
         for status, n in hooks.items():
             self.webhook_queue_depth.labels(status).set(n)
         return generate_latest(self.registry)
+
+
+class HttpRequests(Collector):
+    """HTTP requests by route template, method and status code, and their durations by
+    route: counted in plain dicts and lists on every request, made into Prometheus
+    families only when scraped. prometheus_client's labelled children take a lock and
+    check that they may be observed on every `inc()` and `observe()` (~4 % of a send's
+    CPU in the API process). Observed on the event loop's thread only."""
+
+    def __init__(self) -> None:
+        # (route, method, code) -> [requests, first seen (unix seconds)]
+        self._counts: dict[tuple[str, str, int], list[float]] = {}
+        # route -> (requests per bucket, the last one past every bound; [their sum])
+        self._durations: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, route: str, method: str, code: int, seconds: float) -> None:
+        counted = self._counts.get((route, method, code))
+        if counted is None:
+            counted = self._counts[(route, method, code)] = [0, time.time()]
+        counted[0] += 1
+        timed = self._durations.get(route)
+        if timed is None:
+            timed = self._durations[route] = ([0] * (len(_HTTP_BUCKETS) + 1), [0.0])
+        # The first bound at or above the value: Prometheus buckets are "less or equal".
+        timed[0][bisect.bisect_left(_HTTP_BUCKETS, seconds)] += 1
+        timed[1][0] += seconds
+
+    def count(self, route: str, method: str, code: int) -> int:
+        counted = self._counts.get((route, method, code))
+        return 0 if counted is None else int(counted[0])
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "sendkit_http_requests",
+            "HTTP requests by route template, method and status code.",
+            labels=["route", "method", "code"],
+        )
+        for (route, method, code), (n, created) in list(self._counts.items()):
+            requests.add_metric([route, method, str(code)], n, created=created)
+        yield requests
+        durations = HistogramMetricFamily(
+            "sendkit_http_request_duration_seconds",
+            "HTTP request handling time by route template.",
+            labels=["route"],
+        )
+        bounds = [floatToGoString(b) for b in (*_HTTP_BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
+        for route, (counts, total) in list(self._durations.items()):
+            cumulative = itertools.accumulate(counts)
+            durations.add_metric([route], list(zip(bounds, cumulative, strict=True)), total[0])
+        yield durations
 
 
 async def _depths(db: Database, column: Any, statuses: tuple[str, ...]) -> dict[str, int]:
