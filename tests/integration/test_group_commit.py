@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import accounts, logs, messages
 from sendkit import db as db_module
-from sendkit.db import Database, ReadThenWrite
+from sendkit.db import Database, ReadThenWrite, WriteFn
 from sendkit.errors import ServiceUnavailable
 from sendkit.filelock import WriterLock
 from sendkit.services import Services
@@ -437,12 +437,12 @@ async def test_a_group_on_the_loop_never_waits_for_another_sqlite_writer(
         await db.dispose()
 
 
-async def test_a_group_that_holds_the_loop_too_long_sends_the_next_ones_to_the_thread(
+async def test_groups_that_hold_the_loop_too_long_send_the_next_ones_to_the_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow disk (here: a slow write function) must not hold every request of the
-    process for long: after a group over budget on the loop, groups go to the writer
-    thread for a while, then come back."""
+    process for long: after two groups in a row over budget on the loop, groups go to
+    the writer thread for a while, then come back."""
     monkeypatch.setattr(db_module, "_LOOP_PAUSE", 0.3)
     db = await _probe_db(tmp_path, lock_timeout=5, in_loop=True)
     seen: list[str] = []
@@ -453,15 +453,40 @@ async def test_a_group_that_holds_the_loop_too_long_sends_the_next_ones_to_the_t
         await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
 
     try:
-        await db.write(slow)
-        await db.write(slow)
+        for _ in range(3):
+            await db.write(slow)
         await asyncio.sleep(0.35)
         await db.write(slow)
         main = threading.current_thread().name
-        assert seen[0] == main
-        assert seen[1].startswith("sendkit-sqlite-writer")
-        assert seen[2] == main
-        assert await _stored(db) == [1, 1, 1]
+        assert seen[:2] == [main, main]
+        assert seen[2].startswith("sendkit-sqlite-writer")
+        assert seen[3] == main
+        assert await _stored(db) == [1, 1, 1, 1]
+    finally:
+        await db.dispose()
+
+
+async def test_one_slow_group_alone_keeps_the_groups_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's first groups open the connection and compile their statements: one
+    slow group between quick ones is no slow disk, and the next groups stay on the loop."""
+    monkeypatch.setattr(db_module, "_LOOP_PAUSE", 30.0)
+    db = await _probe_db(tmp_path, lock_timeout=5, in_loop=True)
+    seen: list[str] = []
+
+    def write(pause: float) -> WriteFn[None]:
+        async def run(conn: AsyncConnection) -> None:
+            seen.append(threading.current_thread().name)
+            time.sleep(pause)
+            await conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+
+        return run
+
+    try:
+        for pause in (0.05, 0.0, 0.05, 0.0, 0.0):
+            await db.write(write(pause))
+        assert seen == [threading.current_thread().name] * 5
     finally:
         await db.dispose()
 

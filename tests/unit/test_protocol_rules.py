@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
 from sendkit.web import protocol
 
@@ -60,3 +61,17 @@ def test_a_bad_header_anywhere_is_refused(bad: tuple[bytes, bytes], where: str) 
 
 def test_good_headers_and_a_tab_in_a_value_pass() -> None:
     protocol._check((*_GOOD, (b"x-note", b"a\tb"), (b"x-empty", b"")))
+
+
+@pytest.mark.parametrize("part", ["name", "value"])
+def test_every_byte_is_judged_as_uvicorns_pattern_judges_it(part: str) -> None:
+    pattern = HEADER_RE if part == "name" else HEADER_VALUE_RE
+    for byte in range(256):
+        one = bytes((byte,))
+        header = (b"x-" + one, b"v") if part == "name" else (b"x-note", b"v" + one)
+        refused = pattern.search(header[0] if part == "name" else header[1]) is not None
+        if refused:
+            with pytest.raises(RuntimeError):
+                protocol._check((*_GOOD, header))
+        else:
+            protocol._check((*_GOOD, header))
