@@ -61,6 +61,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._delivery_children: dict[str, tuple[Counter, Histogram]] = {}
         self.delivery_attempt = Histogram(
             "sendkit_delivery_attempt_seconds",
             "Duration of one SMTP (or sandbox) delivery attempt.",
@@ -80,9 +81,15 @@ class Metrics:
     def observe_delivery(
         self, outcome: str, *, latency_s: float | None, attempt_s: float | None
     ) -> None:
-        self.deliveries.labels(outcome).inc()
+        # The labelled children are kept: `labels()` formats and looks them up again
+        # under a lock on every call.
+        children = self._delivery_children.get(outcome)
+        if children is None:
+            children = (self.deliveries.labels(outcome), self.delivery_latency.labels(outcome))
+            self._delivery_children[outcome] = children
+        children[0].inc()
         if latency_s is not None:
-            self.delivery_latency.labels(outcome).observe(max(latency_s, 0.0))
+            children[1].observe(max(latency_s, 0.0))
         if attempt_s is not None:
             self.delivery_attempt.observe(max(attempt_s, 0.0))
 

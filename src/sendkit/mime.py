@@ -115,7 +115,6 @@ _SIMPLE_MAILBOX = re.compile(
 )
 # A lone "." ends SMTP DATA if a relay forgets dot-stuffing; "From " gets
 # rewritten to ">From " by mbox-style relays, breaking the DKIM body hash.
-_FRAGILE_LINE = re.compile(rb"^(?:\.$|From )", re.MULTILINE)
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
 
@@ -344,10 +343,27 @@ def _message_id_header(message_id: str, from_header: str) -> str:
     return f"<{message_id}@{ascii_domain(sending_domain(from_header))}>"
 
 
+_DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def _date_header(created_at: datetime) -> str:
-    if created_at.utcoffset() is None:
+    """`email.utils.format_datetime(created_at)`, with its zone ("+0000") formatted here
+    for a whole-minute offset: it asks `strftime("%z")`, whose wrapper was 2 % of a
+    delivery's CPU."""
+    offset = created_at.utcoffset()
+    if offset is None:
         raise ValueError("created_at must be timezone-aware")
-    return format_datetime(created_at)
+    minutes, rest = divmod(int(offset.total_seconds()), 60)
+    if rest or offset.microseconds:
+        return format_datetime(created_at)
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    d = created_at
+    return (
+        f"{_DAY_NAMES[d.weekday()]}, {d.day:02d} {_MONTH_NAMES[d.month - 1]} {d.year:04d} "
+        f"{d.hour:02d}:{d.minute:02d}:{d.second:02d} {sign}{hours:02d}{minutes:02d}"
+    )
 
 
 def _extra_header(name: str, value: str) -> str:
@@ -467,10 +483,23 @@ def _encode_body(text: str) -> tuple[str, str]:
     if qp and not qp.endswith(b"\n"):
         qp += b"=\n"  # soft break: the part ends with CRLF, the text does not
     crlf_size = len(data) + data.count(b"\n")
-    if len(qp) <= _base64_size(crlf_size) and not _FRAGILE_LINE.search(qp):
+    if len(qp) <= _base64_size(crlf_size) and not _fragile_line(qp):
         return "quoted-printable", qp.decode("ascii")
     # base64 carries the canonical form itself, so line breaks must be CRLF.
     return "base64", base64.encodebytes(data.replace(b"\n", b"\r\n")).decode("ascii")
+
+
+def _fragile_line(text: bytes) -> bool:
+    """Whether a line of `text` (LF line ends) is a lone "." or starts with "From ":
+    what a regex search in multi-line mode found, by substring tests (the search tried
+    every position, 5 µs for a 1 KB body)."""
+    return (
+        text == b"."
+        or text.startswith((b".\n", b"From "))
+        or text.endswith(b"\n.")
+        or b"\n.\n" in text
+        or b"\nFrom " in text
+    )
 
 
 def _set_text(part: MIMEPart, text: str, subtype: str) -> None:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from email import policy
 from email.header import decode_header, make_header
 from email.message import EmailMessage
+from email.utils import format_datetime
 
 import pytest
 
@@ -707,3 +708,29 @@ def test_random_text_messages_match_the_generator_too() -> None:
         subject = "".join(rng.choice("Sub ject é") for _ in range(rng.randint(0, 120)))
         msg = make(body=body, subject=subject)
         assert build(msg) == _with_the_generator(msg), (body, subject)
+
+
+def test_the_date_header_is_format_datetimes() -> None:
+    """The same text as email.utils.format_datetime, for any time and offset (whole
+    minutes formatted here, others by format_datetime itself)."""
+    rng = random.Random(5)
+    offsets = [0, 0, 60, -60, 330, -570, 840, -720]
+    for _ in range(5000):
+        zone = timezone(timedelta(minutes=rng.choice(offsets)))
+        when = datetime.fromtimestamp(rng.uniform(-2e9, 4e9), zone)
+        assert mime._date_header(when) == format_datetime(when)
+    odd = datetime(2026, 1, 1, tzinfo=timezone(timedelta(seconds=30)))
+    assert mime._date_header(odd) == format_datetime(odd)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        mime._date_header(datetime(2026, 1, 1))
+
+
+def test_fragile_lines_are_what_a_multiline_search_finds() -> None:
+    """A lone "." line or a "From " line anywhere (first, middle, last), as
+    `^(?:\\.$|From )` in multi-line mode finds them, over many small texts."""
+    reference = re.compile(rb"^(?:\.$|From )", re.MULTILINE)
+    rng = random.Random(9)
+    pieces = [b".", b"\n", b"From ", b"F", b"x", b" ", b"rom", b".."]
+    for _ in range(20000):
+        text = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        assert mime._fragile_line(text) is bool(reference.search(text)), text
