@@ -734,3 +734,17 @@ def test_fragile_lines_are_what_a_multiline_search_finds() -> None:
     for _ in range(20000):
         text = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
         assert mime._fragile_line(text) is bool(reference.search(text)), text
+
+
+def test_a_repeated_body_is_encoded_once_and_alike() -> None:
+    """One body sent to many (a campaign) is encoded once; the answer is the encoding's
+    own, and bodies past the size kept are encoded every time."""
+    mime._encode_body_cached.cache_clear()
+    body = "Hello,\n" + "x" * 1024 + "\n.\nFrom here\n"
+    first = mime._encode_body(body)
+    again = mime._encode_body("".join(["Hello,\n", "x" * 1024, "\n.\nFrom here\n"]))
+    assert first == again == mime._encode_body_once(body)
+    assert mime._encode_body_cached.cache_info().hits == 1
+    large = "y" * (mime._CACHED_BODY_CHARS + 1)
+    assert mime._encode_body(large) == mime._encode_body_once(large)
+    assert mime._encode_body_cached.cache_info().currsize == 1
