@@ -156,15 +156,14 @@ class Admin:
     async def _progress(self, account_id: str) -> tuple[int, bool]:
         import sqlalchemy as sa
 
-        from sendkit.db import daily_usage
+        from sendkit.db import DUE, daily_usage
         from sendkit.db import messages as table
-        from sendkit.delivery.queue import DUE_STATUSES
 
         # Every day's counter of the (fresh) account: a run may cross midnight UTC.
         accepted_query = sa.select(sa.func.coalesce(sa.func.sum(daily_usage.c.sent), 0)).where(
             daily_usage.c.account_id == account_id
         )
-        pending_query = sa.select(table.c.id).where(table.c.status.in_(DUE_STATUSES)).limit(1)
+        pending_query = sa.select(table.c.id).where(DUE).limit(1)
         async with self.services.db.read() as conn:
             accepted = int(await conn.scalar(accepted_query) or 0)
             pending = (await conn.scalar(pending_query)) is not None

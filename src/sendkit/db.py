@@ -183,6 +183,17 @@ contacts = sa.Table(
     sa.Index("ix_contacts_app_order", "app_pk", "id"),
 )
 
+# Messages still to deliver: waiting, deferred, or being sent (a lease that runs out makes
+# its message due again). The due index holds these rows only, by next_attempt_at: a claim
+# reads its first entries in order, where an index on (status, next_attempt_at) had every
+# due row read and sorted for each claim (3.5 ms with 6,000 queued on PostgreSQL), and a
+# delivered message leaves the index. Queries repeat this very text (not bound
+# parameters): the planners use a partial index only where the query's WHERE clause
+# visibly implies the index's.
+DUE_STATUSES = ("queued", "deferred", "sending")
+DUE_SQL = "status IN ('queued', 'deferred', 'sending')"
+DUE = sa.text(DUE_SQL)
+
 messages = sa.Table(
     "messages",
     metadata,
@@ -209,7 +220,7 @@ messages = sa.Table(
     sa.Column("last_text", sa.Text, nullable=True),
     _created(),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
-    sa.Index("ix_messages_due", "status", "next_attempt_at"),
+    sa.Index("ix_messages_due", "next_attempt_at", sqlite_where=DUE, postgresql_where=DUE),
     sa.Index("ix_messages_account_created", "account_id", "created_at"),
 )
 

@@ -20,10 +20,10 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from sendkit.db import Database, messages, webhook_deliveries
+from sendkit.db import DUE, Database, messages, webhook_deliveries
 
 # The statuses of work still to do; reported even when empty, so series do not vanish.
-MESSAGE_STATUSES = ("queued", "sending", "deferred")
+MESSAGE_STATUSES = ("queued", "sending", "deferred")  # DUE_STATUSES, as reported
 WEBHOOK_STATUSES = ("pending", "sending")
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
@@ -95,7 +95,7 @@ class Metrics:
 
     async def render(self, db: Database) -> bytes:
         """The exposition text, with the queue depths read now."""
-        for status, n in (await _depths(db, messages.c.status, MESSAGE_STATUSES)).items():
+        for status, n in (await _depths(db, messages.c.status, MESSAGE_STATUSES, DUE)).items():
             self.queue_depth.labels(status).set(n)
         hooks = await _depths(db, webhook_deliveries.c.status, WEBHOOK_STATUSES)
         for status, n in hooks.items():
@@ -153,10 +153,14 @@ class HttpRequests(Collector):
         yield durations
 
 
-async def _depths(db: Database, column: Any, statuses: tuple[str, ...]) -> dict[str, int]:
+async def _depths(
+    db: Database, column: Any, statuses: tuple[str, ...], where: Any = None
+) -> dict[str, int]:
     # Only the statuses still in the queue: counting every delivered message ever sent on
-    # each scrape would grow with the log, and is not queue depth.
-    query = sa.select(column, sa.func.count()).where(column.in_(statuses)).group_by(column)
+    # each scrape would grow with the log, and is not queue depth. `where`: the same rows
+    # as the statuses, written as a partial index has it (so it is used).
+    chosen = column.in_(statuses) if where is None else where
+    query = sa.select(column, sa.func.count()).where(chosen).group_by(column)
     async with db.read() as conn:
         found = {status: int(n) for status, n in await conn.execute(query)}
     return {status: found.get(status, 0) for status in statuses}

@@ -25,11 +25,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sendkit import events
-from sendkit.db import Database, attempts, messages, now_ms
+from sendkit.db import DUE, Database, attempts, messages, now_ms
 from sendkit.db import suppressions as suppressions_table
 from sendkit.prepared import Prepared
-
-DUE_STATUSES = ("queued", "deferred", "sending")
 
 # Outcomes per fenced UPDATE: bounds one statement's parameter and the rows it returns.
 _FINISH_CHUNK = 500
@@ -88,7 +86,7 @@ def _claim_statement(skip_locked: bool, returning: bool = True) -> Any:
     due = (
         sa.select(messages.c.id)
         .where(
-            messages.c.status.in_(DUE_STATUSES),
+            DUE,
             messages.c.next_attempt_at <= sa.bindparam("now", type_=sa.BigInteger),
         )
         .order_by(messages.c.next_attempt_at)
@@ -121,6 +119,7 @@ _CLAIM_MARK = _claim_statement(False, returning=False)
 _CLAIMED = (
     sa.select(*_CLAIM_COLUMNS)
     .where(
+        DUE,  # by the due index
         messages.c.status == "sending",
         messages.c.next_attempt_at == sa.bindparam("until", type_=sa.BigInteger),
         messages.c.lease_token == sa.bindparam("token", type_=sa.String),
