@@ -59,7 +59,12 @@ class Run:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        print(f"--- {name}", flush=True)
+        # Each phase starts with the disk written back: what earlier phases wrote (a
+        # million queued messages, a million contacts; up to ~100 MB was still pending
+        # here) must not be written while a measurement's fsyncs wait behind it.
+        pending, seconds = tools.settle()
+        settled = f" (wrote back {pending:.0f} MB in {seconds:.1f} s)" if pending >= 1 else ""
+        print(f"--- {name}{settled}", flush=True)
         started = time.perf_counter()
         try:
             yield
@@ -214,16 +219,18 @@ def _memory_phase(run: Run, stack: contextlib.ExitStack, prep: memory.Prepared) 
         proc.stop()
 
 
+def _postfix(run: Run, name: str, work: Path) -> PostfixRun | None:
+    ctx = run.ctx
+    work.mkdir(parents=True, exist_ok=True)
+    return run.attempt(
+        name,
+        lambda: run_postfix(work, ctx.sink_port, ctx.params.e2e_messages, ctx.params.body_bytes),
+    )
+
+
 def _benchmarks(run: Run) -> None:
     ctx = run.ctx
-    postfix: PostfixRun | None = None
-    if run.wants("e2e"):
-        postfix = run.attempt(
-            "e2e postfix",
-            lambda: run_postfix(
-                ctx.work, ctx.sink_port, ctx.params.e2e_messages, ctx.params.body_bytes
-            ),
-        )
+    postfix = _postfix(run, "e2e postfix", ctx.work) if run.wants("e2e") else None
     with contextlib.ExitStack() as stack:
         stage = _start(run, stack)
         if stage.sqlite is not None:
@@ -232,7 +239,11 @@ def _benchmarks(run: Run) -> None:
         if stage.bare is not None:
             stage.bare.proc.stop()
         if stage.postgres is not None:
-            _postgres_phase(run, stage.postgres, postfix)
+            # Postfix again, just before: the SQLite phases take minutes, and this kind of
+            # machine drifts by a third within minutes (Postfix 555-1,012 msg/s in one
+            # afternoon), so each end-to-end ratio is taken against a peer run beside it.
+            again = _postfix(run, "e2e postfix (PostgreSQL's peer)", ctx.work / "postfix-2")
+            _postgres_phase(run, stage.postgres, again)
             stage.postgres.proc.stop()
         if stage.memory is not None:
             _memory_phase(run, stack, stage.memory)

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,3 +192,26 @@ def problems(result: WrkResult) -> str | None:
         if count
     ]
     return f"wrk: {', '.join(found)}" if found else None
+
+
+def unwritten_mb() -> float:
+    """Data the kernel still has to write back to disk (Dirty + Writeback), in MB."""
+    total_kb = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith(("Dirty:", "Writeback:")):
+                    total_kb += int(line.split()[1])
+    except OSError:
+        return 0.0
+    return total_kb / 1024
+
+
+def settle() -> tuple[float, float]:
+    """Write back what earlier phases left in the page cache (`sync`), so that a
+    measurement's fsyncs do not queue behind a previous phase's writes (a million queued
+    messages, a million contacts). (MB that were unwritten, seconds the sync took.)"""
+    pending = unwritten_mb()
+    started = time.perf_counter()
+    os.sync()
+    return pending, time.perf_counter() - started
