@@ -191,7 +191,7 @@ contacts = sa.Table(
 # parameters): the planners use a partial index only where the query's WHERE clause
 # visibly implies the index's.
 DUE_STATUSES = ("queued", "deferred", "sending")
-DUE_SQL = "status IN ('queued', 'deferred', 'sending')"
+DUE_SQL = f"status IN ({', '.join(repr(status) for status in DUE_STATUSES)})"
 DUE = sa.text(DUE_SQL)
 
 messages = sa.Table(

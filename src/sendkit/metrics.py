@@ -20,10 +20,10 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from sendkit.db import DUE, Database, messages, webhook_deliveries
+from sendkit.db import DUE, DUE_STATUSES, Database, messages, webhook_deliveries
 
 # The statuses of work still to do; reported even when empty, so series do not vanish.
-MESSAGE_STATUSES = ("queued", "sending", "deferred")  # DUE_STATUSES, as reported
+MESSAGE_STATUSES = DUE_STATUSES
 WEBHOOK_STATUSES = ("pending", "sending")
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)

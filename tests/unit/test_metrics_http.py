@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from sendkit import metrics
-from sendkit.db import DUE_SQL, DUE_STATUSES
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -56,9 +55,3 @@ def test_the_samples_are_prometheus_clients() -> None:
         assert abs(mine[key] - value) < 1e-9, key
     labels = (("code", "200"), ("method", "POST"), ("route", "/v1/send"))
     assert http.count("/v1/send", "POST", 200) == reference[("sendkit_http_requests_total", labels)]
-
-
-def test_the_queue_depths_are_the_due_statuses() -> None:
-    """The depths are counted through the due index's own condition: the same rows."""
-    assert sorted(metrics.MESSAGE_STATUSES) == sorted(DUE_STATUSES)
-    assert f"status IN ({', '.join(repr(s) for s in DUE_STATUSES)})" == DUE_SQL

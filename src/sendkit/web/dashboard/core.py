@@ -31,6 +31,7 @@ from sendkit.accounts import Account, utc_today
 from sendkit.errors import NotFound, SendKitError
 from sendkit.message_log import Viewer
 from sendkit.services import Services
+from sendkit.web.auth import services_of
 
 log = logs.get("sendkit.dashboard")
 
@@ -122,10 +123,6 @@ class Page:
             system_id,
             all_system_mail=session.user.is_operator,
         )
-
-
-def services_of(request: Request) -> Services:
-    return request.app.services  # type: ignore[no-any-return]
 
 
 def page_of(request: Request) -> Page:
