@@ -8,9 +8,11 @@ Options: --quick, --output PATH, --work-dir DIR (kept afterwards: logs, database
 --only NAME,... (e2e, intake, contacts, dkim, memory), --param NAME=N (a size from
 benchkit/context.py). See bench/README.md.
 
-Order: Postfix alone first; then every server starts at once (SQLite and PostgreSQL
-`sendkit serve`, the bare app) while the memory benchmark's queue is filled, since none of
-that is measured; then each measurement runs alone, one after the other.
+Order: the bare app starts while the memory benchmark's queue is filled (neither is
+measured); then each measurement runs alone, one after the other: the end-to-end rounds
+(Postfix, then SendKit on a fresh deployment, `rounds` times, on SQLite then on
+PostgreSQL), the intake rounds (SendKit on a fresh deployment, then the bare app), the
+contacts, the memory and DKIM benchmarks.
 """
 
 from __future__ import annotations
@@ -88,10 +90,8 @@ class Run:
 
 @dataclasses.dataclass
 class Stage:
-    """What the measurements use, started together."""
+    """What starts before the measurements (none of it is measured)."""
 
-    sqlite: Server | None = None
-    postgres: Server | None = None
     bare: intake.BareApp | None = None
     memory: memory.Prepared | None = None
 
@@ -101,24 +101,22 @@ def _e2e_fallback(database: str) -> Figure:
     return not_available(f"e2e_{database}", title, "msg/s", "failed")
 
 
-def _sqlite_fallbacks(run: Run) -> list[Figure]:
-    found = [_e2e_fallback("sqlite")] if run.wants("e2e") else []
-    found += intake.unavailable() if run.wants("intake") else []
-    return found + (contacts.unavailable("failed") if run.wants("contacts") else [])
-
-
-def _launch_postgres(ctx: Context, stack: contextlib.ExitStack) -> Server:
-    url = stack.enter_context(postgres_database())
-    processes = serve_processes(ctx.params.serve_processes_postgresql)
-    deployment = Deployment(
-        "postgresql",
-        ctx.work / "postgresql",
-        ctx.sink_port,
-        url,
-        processes=processes,
-        worker_processes=ctx.params.worker_processes,
-    )
-    return stack.enter_context(launched_server(deployment, ctx.work))
+@contextlib.contextmanager
+def _fresh_server(ctx: Context, database: str, name: str) -> Iterator[Server]:
+    """`sendkit serve` as in production on a deployment of its own (a new PostgreSQL
+    database, or a new data directory), answering; stopped at the end."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database()) if database == "postgresql" else None
+        wanted = ctx.params.serve_processes_postgresql if url else ctx.params.serve_processes_sqlite
+        deployment = Deployment(
+            name,
+            ctx.work / name,
+            ctx.sink_port,
+            url,
+            processes=serve_processes(wanted),
+            worker_processes=ctx.params.worker_processes,
+        )
+        yield stack.enter_context(launched_server(deployment, ctx.work)).wait_ready()
 
 
 def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
@@ -129,73 +127,58 @@ def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
             lambda: stack.enter_context(intake.bare_app(ctx)),
             *intake.unavailable(),
         )
-    if run.wants("e2e", "intake", "contacts"):
-        processes = serve_processes(ctx.params.serve_processes_sqlite)
-        deployment = Deployment(
-            "sqlite",
-            ctx.work / "sqlite",
-            ctx.sink_port,
-            processes=processes,
-            worker_processes=ctx.params.worker_processes,
-        )
-        stage.sqlite = run.attempt(
-            "start sqlite server",
-            lambda: stack.enter_context(launched_server(deployment, ctx.work)),
-            *_sqlite_fallbacks(run),
-        )
-    if run.wants("e2e"):
-        stage.postgres = run.attempt(
-            "start postgresql server",
-            lambda: _launch_postgres(ctx, stack),
-            _e2e_fallback("postgresql"),
-        )
     if run.wants("memory"):
         fallback = not_available("memory_peak_rss", "peak RSS", "MB", "failed")
         stage.memory = run.attempt(
             "memory enqueue", lambda: stack.enter_context(memory.prepared(ctx)), fallback
         )
-    if stage.sqlite is not None:
-        server = stage.sqlite
-        stage.sqlite = run.attempt("wait sqlite server", server.wait_ready, *_sqlite_fallbacks(run))
-    if stage.postgres is not None:
-        server = stage.postgres
-        fallback = _e2e_fallback("postgresql")
-        stage.postgres = run.attempt("wait postgresql server", server.wait_ready, fallback)
     return stage
 
 
-def _sqlite_phases(
-    run: Run, server: Server, bare: intake.BareApp | None, postfix: PostfixRun | None
-) -> None:
-    """End to end, intake and contacts share one SQLite `sendkit serve`."""
+def _e2e_round(run: Run, database: str, index: int) -> e2e.Round | None:
+    """Postfix, then SendKit on a fresh deployment."""
+    ctx, label = run.ctx, f"{database} {index + 1}/{run.ctx.params.rounds}"
+    postfix = _postfix(run, f"e2e postfix ({label})", ctx.work / f"postfix-{database}-{index}")
+    if postfix is None:
+        return None
+
+    def sendkit() -> e2e.SendKitRun:
+        with _fresh_server(ctx, database, f"e2e-{database}-{index}") as server:
+            return e2e.run_sendkit(ctx, server.wait_settled())
+
+    result = run.attempt(f"e2e sendkit ({label})", sendkit)
+    return None if result is None else e2e.Round(result, postfix)
+
+
+def _e2e_phase(run: Run, database: str) -> None:
+    rounds = [_e2e_round(run, database, index) for index in range(run.ctx.params.rounds)]
+    done = [round_ for round_ in rounds if round_ is not None]
+    if done:
+        run.figures.append(e2e.figure(done, database))
+    else:
+        figure = _e2e_fallback(database)
+        figure.note = "n/a: every round failed (see errors)"
+        run.figures.append(figure)
+
+
+def _intake_phase(run: Run, bare: intake.BareApp) -> None:
     ctx = run.ctx
-    if run.wants("e2e"):
-        result = run.attempt(
-            "e2e sendkit sqlite", lambda: e2e.run_sendkit(ctx, server), _e2e_fallback("sqlite")
-        )
-        if result is not None:
-            run.figures.append(e2e.figure(result, postfix, "sqlite"))
-    if run.wants("intake") and bare is not None:
-        app = bare
-        results = run.attempt("intake", lambda: intake.run(ctx, server, app), *intake.unavailable())
-        if results is not None:
-            run.figures.extend(intake.figures(*results))
-    if run.wants("contacts"):
-        run.attempt("drain intake queue", server.wait_idle)
-        found = run.attempt(
-            "contacts", lambda: contacts.run(ctx, server), *contacts.unavailable("failed")
-        )
-        run.figures.extend(found or [])
+
+    def launch(index: int) -> contextlib.AbstractContextManager[Server]:
+        return _fresh_server(ctx, "sqlite", f"intake-{index}")
+
+    rounds = run.attempt("intake", lambda: intake.run(ctx, launch, bare), *intake.unavailable())
+    if rounds is not None:
+        run.figures.extend(intake.figures(rounds))
 
 
-def _postgres_phase(run: Run, server: Server, postfix: PostfixRun | None) -> None:
-    result = run.attempt(
-        "e2e sendkit postgresql",
-        lambda: e2e.run_sendkit(run.ctx, server),
-        _e2e_fallback("postgresql"),
-    )
-    if result is not None:
-        run.figures.append(e2e.figure(result, postfix, "postgresql"))
+def _contacts_phase(run: Run) -> None:
+    def measure() -> list[Figure]:
+        with _fresh_server(run.ctx, "sqlite", "contacts") as server:
+            return contacts.run(run.ctx, server.wait_settled())
+
+    found = run.attempt("contacts", measure, *contacts.unavailable("failed"))
+    run.figures.extend(found or [])
 
 
 def _dkim_phase(run: Run) -> None:
@@ -229,22 +212,16 @@ def _postfix(run: Run, name: str, work: Path) -> PostfixRun | None:
 
 
 def _benchmarks(run: Run) -> None:
-    ctx = run.ctx
-    postfix = _postfix(run, "e2e postfix", ctx.work) if run.wants("e2e") else None
     with contextlib.ExitStack() as stack:
         stage = _start(run, stack)
-        if stage.sqlite is not None:
-            _sqlite_phases(run, stage.sqlite, stage.bare, postfix)
-            stage.sqlite.proc.stop()  # idle servers stay out of the next measurements
+        if run.wants("e2e"):
+            _e2e_phase(run, "sqlite")
+            _e2e_phase(run, "postgresql")
         if stage.bare is not None:
-            stage.bare.proc.stop()
-        if stage.postgres is not None:
-            # Postfix again, just before: the SQLite phases take minutes, and this kind of
-            # machine drifts by a third within minutes (Postfix 555-1,012 msg/s in one
-            # afternoon), so each end-to-end ratio is taken against a peer run beside it.
-            again = _postfix(run, "e2e postfix (PostgreSQL's peer)", ctx.work / "postfix-2")
-            _postgres_phase(run, stage.postgres, again)
-            stage.postgres.proc.stop()
+            _intake_phase(run, stage.bare)
+            stage.bare.proc.stop()  # idle servers stay out of the next measurements
+        if run.wants("contacts"):
+            _contacts_phase(run)
         if stage.memory is not None:
             _memory_phase(run, stack, stage.memory)
         elif run.wants("dkim"):

@@ -33,6 +33,8 @@ class Params:
     # process of its own, as README's production start has it. The memory benchmark keeps
     # delivery inside `sendkit serve` (the default), so one process's peak RSS is all of it.
     worker_processes: int = 1
+    # Turns of each side of the end-to-end and intake comparisons (their medians count).
+    rounds: int = 3
 
     @classmethod
     def full(cls) -> Params:
@@ -55,6 +57,7 @@ class Params:
             memory_messages=10_000,
             memory_seconds=5,
             memory_enqueue_seconds=5,
+            rounds=1,
         )
 
 

@@ -1,11 +1,15 @@
 """Benchmark 2: `POST /v1/send` accepted per second and its latency, against a bare
-FastAPI endpoint (bench/bare_app.py) that only answers the envelope."""
+FastAPI endpoint (bench/bare_app.py) that only answers the envelope.
+
+`rounds` turns of each side (SendKit on a fresh deployment, then the bare app); each
+figure is the median of its rounds (see e2e.py for why)."""
 
 from __future__ import annotations
 
+import statistics
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from benchkit import procs, tools
@@ -57,19 +61,30 @@ def bare_app(ctx: Context) -> Iterator[BareApp]:
         proc.stop()
 
 
-def run(ctx: Context, server: Server, bare: BareApp) -> tuple[tools.WrkResult, tools.WrkResult]:
-    """SendKit first, then the bare app (started earlier, see `bare_app`) once SendKit has
-    delivered what it took in: the peer gets the same quiet machine."""
-    with profiled(ctx.profile_dir, server.proc.pid, "intake"):
-        ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
-    server.wait_idle()
-    procs.wait_port(bare.port, bare.proc)
-    return ours, _measure(ctx, f"http://{procs.LOOPBACK}:{bare.port}/v1/send", "bare")
+Round = tuple[tools.WrkResult, tools.WrkResult]  # SendKit's, the bare app's
+
+
+def run(
+    ctx: Context, launch: Callable[[int], AbstractContextManager[Server]], bare: BareApp
+) -> list[Round]:
+    """Each round: SendKit on a fresh server (`launch(round)`), which is then stopped
+    with what it took in still queued, so that the bare app (started earlier, see
+    `bare_app`) gets the same quiet machine without waiting for a drain."""
+    rounds = []
+    for index in range(ctx.params.rounds):
+        with launch(index) as server:
+            server.wait_settled()
+            with profiled(ctx.profile_dir, server.proc.pid, f"intake-{index + 1}"):
+                ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
+        procs.wait_port(bare.port, bare.proc)
+        rounds.append((ours, _measure(ctx, f"http://{procs.LOOPBACK}:{bare.port}/v1/send", "bare")))
+    return rounds
 
 
 def _details(result: tools.WrkResult) -> dict[str, object]:
     return {
         "requests": result.requests,
+        "per_s": round(result.per_second, 1),
         "seconds": round(result.seconds, 3),
         "non_2xx": result.non_2xx,
         "socket_errors": result.socket_errors,
@@ -78,35 +93,45 @@ def _details(result: tools.WrkResult) -> dict[str, object]:
     }
 
 
-def figures(ours: tools.WrkResult, bare: tools.WrkResult) -> list[Figure]:
-    note = tools.problems(ours)
-    details = {"sendkit": _details(ours), "bare": _details(bare)}
+def _median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def figures(rounds: list[Round]) -> list[Figure]:
+    ours, bare = [r[0] for r in rounds], [r[1] for r in rounds]
+    notes = [f"round {i}: {tools.problems(r)}" for i, r in enumerate(ours, 1) if tools.problems(r)]
+    details = {"rounds": [{"sendkit": _details(o), "bare": _details(b)} for o, b in rounds]}
+
+    def latency(side: list[tools.WrkResult], pct: str) -> float | None:
+        return _median([result.latency_ms.get(pct) for result in side])
+
     return [
         Figure(
             "intake_rate",
             "API intake",
             "req/s",
-            ours.per_second,
-            peer=bare.per_second,
+            _median([result.per_second for result in ours]),
+            peer=_median([result.per_second for result in bare]),
             peer_name="bare FastAPI",
             target=Target("ratio", ">=", 0.5),
             details=details,
-            note=note,
+            note="; ".join(notes) or None,
         ),
         Figure(
             "intake_p50",
             "API intake p50",
             "ms",
-            ours.latency_ms.get("50"),
-            peer=bare.latency_ms.get("50"),
+            latency(ours, "50"),
+            peer=latency(bare, "50"),
             peer_name="bare FastAPI",
         ),
         Figure(
             "intake_p99",
             "API intake p99",
             "ms",
-            ours.latency_ms.get("99"),
-            peer=bare.latency_ms.get("99"),
+            latency(ours, "99"),
+            peer=latency(bare, "99"),
             peer_name="bare FastAPI",
             target=Target("value", "<=", 25),
         ),

@@ -128,12 +128,42 @@ def read_status(pid: int) -> dict[str, int]:
     return values
 
 
-def tree_peak_kb(pid: int) -> int:
-    """VmHWM of `pid` plus its descendants' (the signing processes): an upper bound of
-    what the whole installation held at once."""
-    total = read_status(pid).get("VmHWM", 0)
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the delivery and signing processes of a server)."""
+    pids = [pid]
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
-                total += tree_peak_kb(int(child))
-    return total
+                pids += _tree(int(child))
+    return pids
+
+
+def tree_peak_kb(pid: int) -> int:
+    """VmHWM of `pid` plus its descendants' (the signing processes): an upper bound of
+    what the whole installation held at once."""
+    return sum(read_status(each).get("VmHWM", 0) for each in _tree(pid))
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_settled(pid: int, timeout: float = 30.0) -> None:
+    """Until `pid` and its descendants have used under a tenth of a core for half a
+    second: a server answers before its delivery and signing processes have finished
+    starting (importing the app costs a second of CPU), which must not be counted in
+    the measurement that follows."""
+    deadline = time.monotonic() + timeout
+    before = _cpu_seconds(_tree(pid))
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = _cpu_seconds(_tree(pid))
+        if after - before < 0.05:
+            return
+        before = after
+    raise TimeoutError(f"pid {pid} still busy after {timeout:.0f} s")

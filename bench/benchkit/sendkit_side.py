@@ -234,6 +234,12 @@ class Server:
         procs.wait_port(self.port, self.proc)
         return self
 
+    def wait_settled(self) -> Server:
+        """Answering, and its delivery and signing processes done starting."""
+        self.wait_ready()
+        procs.wait_settled(self.proc.pid)
+        return self
+
     def wait_idle(self, timeout: float = 300.0) -> None:
         """Until nothing is queued, sending or deferred: the previous phase's messages
         are delivered and the worker no longer competes with the next measurement."""
