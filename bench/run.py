@@ -154,7 +154,7 @@ def _e2e_phase(run: Run, database: str) -> None:
     rounds = [_e2e_round(run, database, index) for index in range(run.ctx.params.rounds)]
     done = [round_ for round_ in rounds if round_ is not None]
     if done:
-        run.figures.append(e2e.figure(done, database))
+        run.figures.append(e2e.figure(done, database, run.ctx.params.rounds))
     else:
         figure = _e2e_fallback(database)
         figure.note = "n/a: every round failed (see errors)"
@@ -162,14 +162,24 @@ def _e2e_phase(run: Run, database: str) -> None:
 
 
 def _intake_phase(run: Run, bare: intake.BareApp) -> None:
-    ctx = run.ctx
+    ctx, wanted = run.ctx, run.ctx.params.rounds
+    rounds = []
+    for index in range(wanted):
 
-    def launch(index: int) -> contextlib.AbstractContextManager[Server]:
-        return _fresh_server(ctx, "sqlite", f"intake-{index}")
+        def launch(index: int = index) -> contextlib.AbstractContextManager[Server]:
+            return _fresh_server(ctx, "sqlite", f"intake-{index}")
 
-    rounds = run.attempt("intake", lambda: intake.run(ctx, launch, bare), *intake.unavailable())
-    if rounds is not None:
-        run.figures.extend(intake.figures(rounds))
+        def measure(index: int = index) -> intake.Round:
+            return intake.run_round(ctx, index, launch, bare)
+
+        found = run.attempt(f"intake ({index + 1}/{wanted})", measure)
+        rounds += [found] if found is not None else []
+    if rounds:
+        run.figures.extend(intake.figures(rounds, wanted))
+    else:
+        for figure in intake.unavailable():
+            figure.note = "n/a: every round failed (see errors)"
+            run.figures.append(figure)
 
 
 def _contacts_phase(run: Run) -> None:

@@ -16,7 +16,7 @@ from benchkit import tools
 from benchkit.context import SEND_LUA, Context
 from benchkit.postfix_side import PostfixRun
 from benchkit.profiling import profiled
-from benchkit.report import Figure, Target
+from benchkit.report import Figure, Target, rounds_note
 from benchkit.sendkit_side import Server
 
 TARGET = Target("ratio", ">=", 2.0)
@@ -47,7 +47,7 @@ class _Progress:
 def run_sendkit(ctx: Context, server: Server) -> SendKitRun:
     """On a fresh deployment: the status counts are this run's messages."""
     total = ctx.params.e2e_messages
-    with profiled(ctx.profile_dir, server.proc.pid, f"e2e-{server.deployment.database}"):
+    with profiled(ctx.profile_dir, server.proc.pid, server.deployment.name):
         started = time.perf_counter()
         # The lua script stops each thread after its share; -d is only an upper bound.
         wrk = tools.BackgroundWrk(
@@ -55,7 +55,7 @@ def run_sendkit(ctx: Context, server: Server) -> SendKitRun:
             SEND_LUA,
             seconds=120 + total / 10,
             env=ctx.wrk_env(server.demo.api_key, total),
-            output=ctx.work / f"wrk-e2e-{server.deployment.database}.txt",
+            output=ctx.work / f"wrk-{server.deployment.name}.txt",
         )
         try:
             progress = _wait_until_delivered(server, total, started, timeout=120 + total / 10)
@@ -104,9 +104,10 @@ class Round:
     postfix: PostfixRun
 
 
-def figure(rounds: list[Round], database: str) -> Figure:
-    """Each side's median over the rounds; every round's figures in the details."""
-    notes = []
+def figure(rounds: list[Round], database: str, wanted: int) -> Figure:
+    """Each side's median over the rounds, and the median of the rounds' ratios (the
+    target's); every round's figures in the details."""
+    notes = [note] if (note := rounds_note(len(rounds), wanted)) else []
     for index, round_ in enumerate(rounds, 1):
         run = round_.sendkit
         if run.delivered < run.accepted or run.accepted < run.messages * _ENOUGH:
@@ -124,6 +125,7 @@ def figure(rounds: list[Round], database: str) -> Figure:
         peer=statistics.median(r.postfix.per_second for r in rounds),
         peer_name="Postfix",
         target=TARGET,
+        paired_ratio=statistics.median(r.sendkit.per_second / r.postfix.per_second for r in rounds),
         details={
             "messages": rounds[0].sendkit.messages,
             "rounds": [_round_details(r) for r in rounds],

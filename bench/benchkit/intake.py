@@ -2,7 +2,8 @@
 FastAPI endpoint (bench/bare_app.py) that only answers the envelope.
 
 `rounds` turns of each side (SendKit on a fresh deployment, then the bare app); each
-figure is the median of its rounds (see e2e.py for why)."""
+figure is the median of its rounds, the rate's ratio the median of the rounds' ratios
+(see e2e.py for why)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from benchkit import procs, tools
 from benchkit.context import BENCH, SEND_LUA, Context
 from benchkit.profiling import profiled
-from benchkit.report import Figure, Target, not_available
+from benchkit.report import Figure, Target, not_available, rounds_note
 from benchkit.sendkit_side import Server
 
 
@@ -64,21 +65,19 @@ def bare_app(ctx: Context) -> Iterator[BareApp]:
 Round = tuple[tools.WrkResult, tools.WrkResult]  # SendKit's, the bare app's
 
 
-def run(
-    ctx: Context, launch: Callable[[int], AbstractContextManager[Server]], bare: BareApp
-) -> list[Round]:
-    """Each round: SendKit on a fresh server (`launch(round)`), which is then stopped
-    with what it took in still queued, so that the bare app (started earlier, see
-    `bare_app`) gets the same quiet machine without waiting for a drain."""
-    rounds = []
-    for index in range(ctx.params.rounds):
-        with launch(index) as server:
-            server.wait_settled()
-            with profiled(ctx.profile_dir, server.proc.pid, f"intake-{index + 1}"):
-                ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
-        procs.wait_port(bare.port, bare.proc)
-        rounds.append((ours, _measure(ctx, f"http://{procs.LOOPBACK}:{bare.port}/v1/send", "bare")))
-    return rounds
+def run_round(
+    ctx: Context, index: int, launch: Callable[[], AbstractContextManager[Server]], bare: BareApp
+) -> Round:
+    """SendKit on a fresh server (`launch()`), which is then stopped with what it took in
+    still queued, and the bare app (started earlier, see `bare_app`) on the same quiet
+    machine, without waiting for a drain."""
+    with launch() as server:
+        server.wait_settled()
+        with profiled(ctx.profile_dir, server.proc.pid, f"intake-{index + 1}"):
+            ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
+    tools.settle()  # what SendKit wrote is on disk before the peer's turn
+    procs.wait_port(bare.port, bare.proc)
+    return ours, _measure(ctx, f"http://{procs.LOOPBACK}:{bare.port}/v1/send", "bare")
 
 
 def _details(result: tools.WrkResult) -> dict[str, object]:
@@ -98,9 +97,12 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
-def figures(rounds: list[Round]) -> list[Figure]:
+def figures(rounds: list[Round], wanted: int) -> list[Figure]:
+    """Each side's median over the rounds; the rate's ratio is the median of the rounds'
+    own ratios (the target's), each latency the median of the rounds' percentiles."""
     ours, bare = [r[0] for r in rounds], [r[1] for r in rounds]
-    notes = [f"round {i}: {tools.problems(r)}" for i, r in enumerate(ours, 1) if tools.problems(r)]
+    notes = [note] if (note := rounds_note(len(rounds), wanted)) else []
+    notes += [f"round {i}: {tools.problems(r)}" for i, r in enumerate(ours, 1) if tools.problems(r)]
     details = {"rounds": [{"sendkit": _details(o), "bare": _details(b)} for o, b in rounds]}
 
     def latency(side: list[tools.WrkResult], pct: str) -> float | None:
@@ -115,6 +117,7 @@ def figures(rounds: list[Round]) -> list[Figure]:
             peer=_median([result.per_second for result in bare]),
             peer_name="bare FastAPI",
             target=Target("ratio", ">=", 0.5),
+            paired_ratio=_median([o.per_second / b.per_second for o, b in rounds if b.per_second]),
             details=details,
             note="; ".join(notes) or None,
         ),

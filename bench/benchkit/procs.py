@@ -144,26 +144,28 @@ def tree_peak_kb(pid: int) -> int:
     return sum(read_status(each).get("VmHWM", 0) for each in _tree(pid))
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
+def _cpu_ticks(pids: list[int]) -> dict[int, int]:
+    ticks = {}
     for pid in pids:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+            ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks
 
 
 def wait_settled(pid: int, timeout: float = 30.0) -> None:
     """Until `pid` and its descendants have used under a tenth of a core for half a
-    second: a server answers before its delivery and signing processes have finished
-    starting (importing the app costs a second of CPU), which must not be counted in
-    the measurement that follows."""
+    second, the same processes throughout: a server answers before its delivery and
+    signing processes have finished starting (importing the app costs a second of CPU),
+    which must not be counted in the measurement that follows."""
     deadline = time.monotonic() + timeout
-    before = _cpu_seconds(_tree(pid))
+    before = _cpu_ticks(_tree(pid))
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        after = _cpu_seconds(_tree(pid))
-        if after - before < 0.05:
+        after = _cpu_ticks(_tree(pid))
+        used = sum(after[each] - before.get(each, 0) for each in after)
+        # A process that came or went meanwhile: the tree is still changing.
+        if after.keys() == before.keys() and used < 0.05 * os.sysconf("SC_CLK_TCK"):
             return
         before = after
     raise TimeoutError(f"pid {pid} still busy after {timeout:.0f} s")

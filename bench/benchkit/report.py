@@ -40,9 +40,14 @@ class Figure:
     target: Target | None = None
     details: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
+    # Set where both sides ran in rounds: the median of the rounds' own ratios (each
+    # round's sides ran one after the other), rather than one median over the other's.
+    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float | None:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         if self.sendkit is None or not self.peer:
             return None
         return self.sendkit / self.peer
@@ -68,6 +73,11 @@ class Figure:
             "details": self.details,
             "note": self.note,
         }
+
+
+def rounds_note(done: int, wanted: int) -> str | None:
+    """What a figure must say when some of its rounds failed (see the run's errors)."""
+    return None if done >= wanted else f"{done} of {wanted} rounds (the others failed)"
 
 
 def not_available(key: str, title: str, unit: str, reason: str, **kw: Any) -> Figure:
