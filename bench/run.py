@@ -104,7 +104,7 @@ def _e2e_fallback(database: str) -> Figure:
 @contextlib.contextmanager
 def _fresh_server(ctx: Context, database: str, name: str) -> Iterator[Server]:
     """`sendkit serve` as in production on a deployment of its own (a new PostgreSQL
-    database, or a new data directory), answering; stopped at the end."""
+    database, or a new data directory), answering and settled; stopped at the end."""
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(postgres_database()) if database == "postgresql" else None
         wanted = ctx.params.serve_processes_postgresql if url else ctx.params.serve_processes_sqlite
@@ -116,7 +116,7 @@ def _fresh_server(ctx: Context, database: str, name: str) -> Iterator[Server]:
             processes=serve_processes(wanted),
             worker_processes=ctx.params.worker_processes,
         )
-        yield stack.enter_context(launched_server(deployment, ctx.work)).wait_ready()
+        yield stack.enter_context(launched_server(deployment, ctx.work)).wait_settled()
 
 
 def _start(run: Run, stack: contextlib.ExitStack) -> Stage:
@@ -144,7 +144,7 @@ def _e2e_round(run: Run, database: str, index: int) -> e2e.Round | None:
 
     def sendkit() -> e2e.SendKitRun:
         with _fresh_server(ctx, database, f"e2e-{database}-{index}") as server:
-            return e2e.run_sendkit(ctx, server.wait_settled())
+            return e2e.run_sendkit(ctx, server)
 
     result = run.attempt(f"e2e sendkit ({label})", sendkit)
     return None if result is None else e2e.Round(result, postfix)
@@ -166,11 +166,8 @@ def _intake_phase(run: Run, bare: intake.BareApp) -> None:
     rounds = []
     for index in range(wanted):
 
-        def launch(index: int = index) -> contextlib.AbstractContextManager[Server]:
-            return _fresh_server(ctx, "sqlite", f"intake-{index}")
-
-        def measure(index: int = index) -> intake.Round:
-            return intake.run_round(ctx, index, launch, bare)
+        def measure(name: str = f"intake-{index}") -> intake.Round:
+            return intake.run_round(ctx, name, _fresh_server(ctx, "sqlite", name), bare)
 
         found = run.attempt(f"intake ({index + 1}/{wanted})", measure)
         rounds += [found] if found is not None else []
@@ -185,7 +182,7 @@ def _intake_phase(run: Run, bare: intake.BareApp) -> None:
 def _contacts_phase(run: Run) -> None:
     def measure() -> list[Figure]:
         with _fresh_server(run.ctx, "sqlite", "contacts") as server:
-            return contacts.run(run.ctx, server.wait_settled())
+            return contacts.run(run.ctx, server)
 
     found = run.attempt("contacts", measure, *contacts.unavailable("failed"))
     run.figures.extend(found or [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -66,15 +66,13 @@ Round = tuple[tools.WrkResult, tools.WrkResult]  # SendKit's, the bare app's
 
 
 def run_round(
-    ctx: Context, index: int, launch: Callable[[], AbstractContextManager[Server]], bare: BareApp
+    ctx: Context, name: str, fresh: AbstractContextManager[Server], bare: BareApp
 ) -> Round:
-    """SendKit on a fresh server (`launch()`), which is then stopped with what it took in
-    still queued, and the bare app (started earlier, see `bare_app`) on the same quiet
-    machine, without waiting for a drain."""
-    with launch() as server:
-        server.wait_settled()
-        with profiled(ctx.profile_dir, server.proc.pid, f"intake-{index + 1}"):
-            ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
+    """SendKit on a fresh server (entering `fresh` starts it), which is then stopped with
+    what it took in still queued, and the bare app (started earlier, see `bare_app`) on
+    the same quiet machine, without waiting for a drain."""
+    with fresh as server, profiled(ctx.profile_dir, server.proc.pid, name):
+        ours = _measure(ctx, f"{server.base_url}/v1/send", server.demo.api_key)
     tools.settle()  # what SendKit wrote is on disk before the peer's turn
     procs.wait_port(bare.port, bare.proc)
     return ours, _measure(ctx, f"http://{procs.LOOPBACK}:{bare.port}/v1/send", "bare")

@@ -230,24 +230,11 @@ class Server:
     def base_url(self) -> str:
         return f"http://{procs.LOOPBACK}:{self.port}"
 
-    def wait_ready(self) -> Server:
-        procs.wait_port(self.port, self.proc)
-        return self
-
     def wait_settled(self) -> Server:
         """Answering, and its delivery and signing processes done starting."""
-        self.wait_ready()
+        procs.wait_port(self.port, self.proc)
         procs.wait_settled(self.proc.pid)
         return self
-
-    def wait_idle(self, timeout: float = 300.0) -> None:
-        """Until nothing is queued, sending or deferred: the previous phase's messages
-        are delivered and the worker no longer competes with the next measurement."""
-        deadline = time.monotonic() + timeout
-        while any(self.admin.counts().get(s, 0) for s in ("queued", "sending", "deferred")):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.deployment.name}: queue not drained in {timeout} s")
-            time.sleep(0.2)
 
 
 def serve_command() -> list[str]:
@@ -271,7 +258,7 @@ def launch_serve(deployment: Deployment, log_dir: Path) -> tuple[int, procs.Proc
 
 @contextmanager
 def launched_server(deployment: Deployment, log_dir: Path) -> Iterator[Server]:
-    """Prepare the demo account and start `sendkit serve` (call `wait_ready()` before
+    """Prepare the demo account and start `sendkit serve` (call `wait_settled()` before
     using it, so that several servers can start at once); stop both at the end."""
     admin = Admin(deployment)
     try:
